@@ -164,16 +164,18 @@ class ClickHouseError(Exception):
 # CityHash128 checksums of ClickHouse compressed blocks.
 #
 # The crate computes `cityhash_102_128(header_and_data).rotate_right(64)` and writes it as a
-# little-endian u128, which is CityHash v1.0.2's (low64, high64) pair, each little-endian:
-# the same 16 bytes a real server writes. `clickhouse_cityhash.CityHash128` returns
-# `high64 << 64 | low64`, so the wire bytes are `value.to_bytes(16, "little")`.
+# little-endian u128: CityHash v1.0.2's 128-bit pair, each half little-endian, the same 16
+# bytes a real server writes. `clickhouse_cityhash.CityHash128` returns a Python int whose
+# high 64 bits are the half that goes first on the wire (checked against the crate's
+# `_priv::lz4_compress` output).
 # --------------------------------------------------------------------------------------------
 
 
 def block_checksum(data: bytes) -> bytes:
     if _cityhash128 is None:
         raise ClickHouseError(1001, "clickhouse-cityhash is not installed", "STD_EXCEPTION")
-    return _cityhash128(data).to_bytes(16, "little")
+    value = _cityhash128(data)
+    return struct.pack("<QQ", value >> 64, value & 0xFFFFFFFFFFFFFFFF)
 
 
 def decompress_blocks(raw: Iterable[bytes], verify: bool) -> Iterator[bytes]:
@@ -905,6 +907,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--port", type=int, default=int(os.environ.get("STONE_CHDB_PORT", "8123")))
     ap.add_argument("--data", default=os.environ.get("STONE_CHDB_DATA", default_data),
                     help="chDB data folder (persistent; one process owns it)")
+    ap.add_argument("--pidfile", default=None,
+                    help="write the process id here once listening; removed on exit")
     args = ap.parse_args(argv)
 
     data = os.path.abspath(args.data)
@@ -934,6 +938,9 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     threading.Thread(target=reaper, daemon=True).start()
 
+    if args.pidfile:
+        with open(args.pidfile, "w", encoding="ascii") as handle:
+            handle.write(f"{os.getpid()}\n")
     log(f"ClickHouse {engine.version} (chDB) listening on http://{args.host}:{server.server_port} "
         f"data={data} pid={os.getpid()}")
     try:
@@ -942,6 +949,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         server.server_close()
         server.drain(30)
         engine.close()
+        if args.pidfile:
+            try:
+                with open(args.pidfile, encoding="ascii") as handle:
+                    if handle.read().strip() == str(os.getpid()):
+                        os.unlink(args.pidfile)
+            except OSError:
+                pass
         log("stopped")
     return 0
 

@@ -1,0 +1,378 @@
+//! Layered configuration: defaults, then a TOML file, then `STONE_*` environment variables.
+//!
+//! Nested keys use a double underscore in the environment: `proxy.listen` is
+//! `STONE_PROXY__LISTEN`. Unknown keys are rejected (a typo must not silently fall back to a
+//! default), and every error names the key so the process can stop before anything binds.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+use stone_events::Namespace;
+use stone_events::config::{RouteSpec, UpstreamSpec};
+use stone_events::streams::EventsRetention;
+
+/// A secret value: serialised as itself (configuration must round-trip) but never shown by Debug.
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.write_str(if self.0.is_empty() { "\"\"" } else { "\"***\"" })
+    }
+}
+
+/// Every setting of every service. One type keeps `stone dev` (all services in one process) and
+/// the separate binaries reading the same keys.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StoneConfig {
+    /// Subject root and stream-name prefix; change it only to run several deployments on one NATS.
+    pub namespace: String,
+    pub nats_url: String,
+    /// Postgres URL; may carry a password, so it is only ever logged redacted.
+    pub database_url: String,
+    pub clickhouse_url: String,
+    pub clickhouse_database: String,
+    pub clickhouse_user: String,
+    pub clickhouse_password: Secret,
+    pub redis_url: String,
+    /// Partitions of the EVENTS subjects; projector instances split them between themselves.
+    pub partitions: u16,
+    /// How long in-flight work may take to finish after a shutdown signal.
+    pub shutdown_grace_ms: u64,
+    pub events: EventsStreamConfig,
+    pub telemetry: TelemetryConfig,
+    pub proxy: ProxyConfig,
+    pub gateway: GatewayConfig,
+    pub analytics: AnalyticsConfig,
+}
+
+impl Default for StoneConfig {
+    fn default() -> Self {
+        Self {
+            namespace: "stone".to_owned(),
+            nats_url: "nats://127.0.0.1:4222".to_owned(),
+            database_url: "postgres://postgres@127.0.0.1:5432/postgres".to_owned(),
+            clickhouse_url: "http://127.0.0.1:8123".to_owned(),
+            clickhouse_database: "stone".to_owned(),
+            clickhouse_user: "default".to_owned(),
+            clickhouse_password: Secret::default(),
+            redis_url: "redis://127.0.0.1:6379".to_owned(),
+            partitions: stone_events::subjects::DEFAULT_PARTITIONS,
+            shutdown_grace_ms: 10_000,
+            events: EventsStreamConfig::default(),
+            telemetry: TelemetryConfig::default(),
+            proxy: ProxyConfig::default(),
+            gateway: GatewayConfig::default(),
+            analytics: AnalyticsConfig::default(),
+        }
+    }
+}
+
+/// The EVENTS stream: the replay window and its limits.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EventsStreamConfig {
+    pub max_age_secs: u64,
+    pub max_bytes: i64,
+    pub duplicate_window_secs: u64,
+    /// Stream replicas: 1 on a single server, 3 on a cluster.
+    pub replicas: usize,
+}
+
+impl Default for EventsStreamConfig {
+    fn default() -> Self {
+        let retention = EventsRetention::default();
+        Self {
+            max_age_secs: retention.max_age.as_secs(),
+            max_bytes: retention.max_bytes,
+            duplicate_window_secs: retention.duplicate_window.as_secs(),
+            replicas: 1,
+        }
+    }
+}
+
+/// Output format of logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TelemetryConfig {
+    /// A `tracing` filter, e.g. `info` or `info,stone_proxy=debug`.
+    pub log: String,
+    pub log_format: LogFormat,
+    /// OTLP/HTTP traces endpoint, e.g. `http://127.0.0.1:4318/v1/traces`; off when empty.
+    pub otlp_endpoint: String,
+    /// Fraction of root traces sampled when exporting, 0.0 to 1.0.
+    pub trace_sample_ratio: f64,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        Self { log: "info".to_owned(), log_format: LogFormat::Text, otlp_endpoint: String::new(), trace_sample_ratio: 0.01 }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ProxyConfig {
+    pub listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    /// Worker id in events; `proxy-<hostname>-<pid>` when empty.
+    pub worker_id: String,
+    pub connect_timeout_ms: u64,
+    /// Default upstream response timeout; routes may override it.
+    pub upstream_timeout_ms: u64,
+    /// Events held in memory waiting for NATS; beyond it events are dropped and counted.
+    pub event_queue_capacity: usize,
+    /// Publishes awaiting a JetStream ack at once.
+    pub publish_max_in_flight: usize,
+    /// Routes and upstreams used when running from a file (standalone mode).
+    pub routes: Vec<RouteSpec>,
+    pub upstreams: Vec<UpstreamSpec>,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            admin_listen: SocketAddr::from(([127, 0, 0, 1], 9180)),
+            worker_id: String::new(),
+            connect_timeout_ms: 2_000,
+            upstream_timeout_ms: 30_000,
+            event_queue_capacity: 65_536,
+            publish_max_in_flight: 4_096,
+            routes: Vec::new(),
+            upstreams: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GatewayConfig {
+    pub listen: SocketAddr,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        Self { listen: SocketAddr::from(([127, 0, 0, 1], 8081)) }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AnalyticsConfig {
+    pub admin_listen: SocketAddr,
+    /// Durable consumer name prefix.
+    pub consumer: String,
+    /// A batch is inserted when it has this many rows…
+    pub batch_max_rows: usize,
+    /// …or when its oldest event has waited this long.
+    pub batch_max_wait_ms: u64,
+}
+
+impl Default for AnalyticsConfig {
+    fn default() -> Self {
+        Self {
+            admin_listen: SocketAddr::from(([127, 0, 0, 1], 9181)),
+            consumer: "analytics".to_owned(),
+            batch_max_rows: 20_000,
+            batch_max_wait_ms: 200,
+        }
+    }
+}
+
+/// A configuration error that names the key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("invalid configuration: {0}")]
+    Figment(String),
+    #[error("invalid configuration: key `{key}`: {message}")]
+    Invalid { key: String, message: String },
+    #[error("configuration file {path}: {message}")]
+    File { path: PathBuf, message: String },
+}
+
+impl StoneConfig {
+    /// Loads defaults, then `file` (if given, it must exist), then `STONE_*` variables, and
+    /// validates the result.
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        Self::load_from(file, Env::prefixed("STONE_").split("__").ignore(&["config"]))
+    }
+
+    /// As [`Self::load`] with an explicit environment provider (tests pass their own).
+    pub fn load_from(file: Option<&Path>, environment: Env) -> Result<Self, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(StoneConfig::default()));
+        if let Some(path) = file {
+            if !path.is_file() {
+                return Err(ConfigError::File { path: path.to_owned(), message: "no such file".to_owned() });
+            }
+            figment = figment.merge(Toml::file_exact(path));
+        }
+        let config: StoneConfig = figment.merge(environment).extract().map_err(|error| {
+            // figment reports every error with the key path and the source that set it.
+            let messages: Vec<String> = error.into_iter().map(|error| error.to_string()).collect();
+            ConfigError::Figment(messages.join("; "))
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks what types alone cannot.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        Namespace::new(&self.namespace).map_err(|error| invalid("namespace", error))?;
+        check_url("nats_url", &self.nats_url, &["nats", "tls", "ws", "wss"])?;
+        check_url("database_url", &self.database_url, &["postgres", "postgresql"])?;
+        check_url("clickhouse_url", &self.clickhouse_url, &["http", "https"])?;
+        check_url("redis_url", &self.redis_url, &["redis", "rediss"])?;
+        check_identifier("clickhouse_database", &self.clickhouse_database)?;
+        if !(1..=1024).contains(&self.partitions) {
+            return Err(invalid("partitions", "must be between 1 and 1024"));
+        }
+        if self.events.duplicate_window_secs < stone_events::streams::MIN_DUPLICATE_WINDOW.as_secs() {
+            return Err(invalid("events.duplicate_window_secs", "must be at least 120 (publishers retry across restarts)"));
+        }
+        if self.events.max_age_secs == 0 {
+            return Err(invalid("events.max_age_secs", "must be positive: it is the replay window"));
+        }
+        if !(0.0..=1.0).contains(&self.telemetry.trace_sample_ratio) {
+            return Err(invalid("telemetry.trace_sample_ratio", "must be between 0.0 and 1.0"));
+        }
+        if !self.telemetry.otlp_endpoint.is_empty() {
+            check_url("telemetry.otlp_endpoint", &self.telemetry.otlp_endpoint, &["http", "https"])?;
+        }
+        tracing_subscriber::EnvFilter::try_new(&self.telemetry.log).map_err(|error| invalid("telemetry.log", error))?;
+        if self.proxy.event_queue_capacity == 0 {
+            return Err(invalid("proxy.event_queue_capacity", "must be positive"));
+        }
+        if self.proxy.publish_max_in_flight == 0 {
+            return Err(invalid("proxy.publish_max_in_flight", "must be positive"));
+        }
+        if self.analytics.batch_max_rows == 0 {
+            return Err(invalid("analytics.batch_max_rows", "must be positive"));
+        }
+        check_identifier("analytics.consumer", &self.analytics.consumer)?;
+        Ok(())
+    }
+
+    pub fn namespace(&self) -> Namespace {
+        // validate() has checked it; the default namespace is the only sane fallback.
+        Namespace::new(&self.namespace).unwrap_or_default()
+    }
+
+    pub fn events_retention(&self) -> EventsRetention {
+        EventsRetention {
+            max_age: Duration::from_secs(self.events.max_age_secs),
+            max_bytes: self.events.max_bytes,
+            duplicate_window: Duration::from_secs(self.events.duplicate_window_secs),
+        }
+    }
+
+    pub fn shutdown_grace(&self) -> Duration {
+        Duration::from_millis(self.shutdown_grace_ms)
+    }
+}
+
+fn invalid(key: &str, message: impl std::fmt::Display) -> ConfigError {
+    ConfigError::Invalid { key: key.to_owned(), message: message.to_string() }
+}
+
+fn check_url(key: &str, value: &str, schemes: &[&str]) -> Result<(), ConfigError> {
+    let scheme = value.split_once("://").map(|(scheme, _)| scheme);
+    let host_present = value.split_once("://").is_some_and(|(_, rest)| !rest.is_empty());
+    match scheme {
+        Some(scheme) if schemes.contains(&scheme) && host_present => Ok(()),
+        _ => Err(invalid(key, format!("{value:?} is not a URL with scheme {}", schemes.join(" or ")))),
+    }
+}
+
+fn check_identifier(key: &str, value: &str) -> Result<(), ConfigError> {
+    let valid = !value.is_empty()
+        && value.len() <= 64
+        && value.bytes().all(|byte| byte.is_ascii_alphanumeric() || byte == b'_')
+        && !value.as_bytes()[0].is_ascii_digit();
+    if valid { Ok(()) } else { Err(invalid(key, format!("{value:?} must be letters, digits and '_', not starting with a digit"))) }
+}
+
+#[cfg(test)]
+mod tests {
+    use figment::Jail;
+
+    use super::*;
+
+    /// Loads through the real providers inside a `Jail`, which sandboxes the working directory
+    /// and environment variables.
+    fn load_in_jail(toml: Option<&str>, env: &[(&str, &str)]) -> Result<StoneConfig, String> {
+        let mut outcome = Err(String::new());
+        Jail::expect_with(|jail| {
+            if let Some(text) = toml {
+                jail.create_file("stone.toml", text)?;
+            }
+            for (key, value) in env {
+                jail.set_env(key, value);
+            }
+            outcome = StoneConfig::load(toml.map(|_| Path::new("stone.toml"))).map_err(|error| error.to_string());
+            Ok(())
+        });
+        outcome
+    }
+
+    #[test]
+    fn defaults_are_valid_and_match_the_documented_ports() -> Result<(), String> {
+        let config = load_in_jail(None, &[])?;
+        assert_eq!(config.proxy.listen.port(), 8080);
+        assert_eq!(config.proxy.admin_listen.port(), 9180);
+        assert_eq!(config.gateway.listen.port(), 8081);
+        assert_eq!(config.namespace().stream_name("EVENTS"), "EVENTS");
+        Ok(())
+    }
+
+    #[test]
+    fn file_then_environment_override_defaults() -> Result<(), String> {
+        let config = load_in_jail(
+            Some("nats_url = \"nats://10.0.0.1:4222\"\n[proxy]\nlisten = \"0.0.0.0:9000\"\n"),
+            &[("STONE_PROXY__LISTEN", "127.0.0.1:9001"), ("STONE_CONFIG", "ignored.toml")],
+        )?;
+        assert_eq!(config.nats_url, "nats://10.0.0.1:4222");
+        assert_eq!(config.proxy.listen.port(), 9001);
+        Ok(())
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let unknown = load_in_jail(Some("[proxy]\nlistne = \"0.0.0.0:9000\"\n"), &[]).err();
+        assert!(unknown.as_deref().is_some_and(|m| m.contains("listne")), "{unknown:?}");
+        let bad_type = load_in_jail(Some("[proxy]\nlisten = \"not an address\"\n"), &[]).err();
+        assert!(bad_type.as_deref().is_some_and(|m| m.contains("proxy.listen")), "{bad_type:?}");
+        let bad_url = load_in_jail(None, &[("STONE_NATS_URL", "localhost")]).err();
+        assert!(bad_url.as_deref().is_some_and(|m| m.contains("nats_url")), "{bad_url:?}");
+        let bad_window = load_in_jail(Some("[events]\nduplicate_window_secs = 5\n"), &[]).err();
+        assert!(bad_window.as_deref().is_some_and(|m| m.contains("events.duplicate_window_secs")), "{bad_window:?}");
+        let bad_env_type = load_in_jail(None, &[("STONE_PARTITIONS", "many")]).err();
+        assert!(bad_env_type.as_deref().is_some_and(|m| m.contains("STONE_") && m.contains("PARTITIONS")), "{bad_env_type:?}");
+    }
+
+    #[test]
+    fn secrets_do_not_show_in_debug() {
+        let config = StoneConfig { clickhouse_password: Secret("hunter2".into()), ..StoneConfig::default() };
+        assert!(!format!("{config:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn missing_file_is_an_error() {
+        let result = StoneConfig::load_from(Some(Path::new("/nonexistent/stone.toml")), Env::prefixed("STONE_NOPE_"));
+        assert!(matches!(result, Err(ConfigError::File { .. })));
+    }
+}

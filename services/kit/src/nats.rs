@@ -1,0 +1,75 @@
+//! NATS connection and idempotent JetStream provisioning from the contract's stream definitions.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, stream};
+use stone_events::streams::{Retention, StreamSpec};
+
+use crate::config::StoneConfig;
+use crate::dependency::DependencyError;
+
+/// Connects to NATS, failing fast with a message that says how to start it.
+pub async fn connect(config: &StoneConfig, client_name: &str) -> Result<async_nats::Client, DependencyError> {
+    async_nats::ConnectOptions::new()
+        .name(client_name)
+        .connection_timeout(Duration::from_secs(5))
+        .connect(config.nats_url.as_str())
+        .await
+        .map_err(|error| DependencyError::new("NATS", &config.nats_url, "STONE_NATS_URL", error))
+}
+
+/// The server-side configuration of a stream.
+pub fn stream_config(spec: &StreamSpec, replicas: usize) -> stream::Config {
+    let (max_age, max_bytes) = match spec.retention {
+        Retention::Limits { max_age, max_bytes } => (max_age, max_bytes),
+        Retention::Forever => (Duration::ZERO, -1),
+    };
+    stream::Config {
+        name: spec.name.clone(),
+        description: Some(spec.description.clone()),
+        subjects: spec.subjects.clone(),
+        storage: stream::StorageType::File,
+        retention: stream::RetentionPolicy::Limits,
+        discard: stream::DiscardPolicy::Old,
+        max_age,
+        max_bytes,
+        duplicate_window: spec.duplicate_window,
+        num_replicas: replicas.max(1),
+        allow_direct: true,
+        ..Default::default()
+    }
+}
+
+/// Creates each stream, or updates it when the settings we own have changed. Safe to run from
+/// every process at every start.
+pub async fn ensure_streams(js: &jetstream::Context, specs: &[StreamSpec], replicas: usize) -> anyhow::Result<()> {
+    for spec in specs {
+        let wanted = stream_config(spec, replicas);
+        let mut existing = js
+            .get_or_create_stream(wanted.clone())
+            .await
+            .map_err(|error| anyhow::anyhow!("cannot create stream {}: {error}", spec.name))?;
+        let current = existing.info().await.map_err(|error| anyhow::anyhow!("stream {}: {error}", spec.name))?.config.clone();
+        let differs = current.subjects != wanted.subjects
+            || current.max_age != wanted.max_age
+            || current.max_bytes != wanted.max_bytes
+            || current.duplicate_window != wanted.duplicate_window
+            || current.description != wanted.description;
+        if differs {
+            js.update_stream(&wanted).await.map_err(|error| anyhow::anyhow!("cannot update stream {}: {error}", spec.name))?;
+            tracing::info!(stream = %spec.name, "stream settings updated");
+        }
+    }
+    Ok(())
+}
+
+/// Connects and provisions every stream of the configured namespace.
+pub async fn connect_and_provision(config: &StoneConfig, client_name: &str) -> anyhow::Result<(async_nats::Client, jetstream::Context)> {
+    let client = connect(config, client_name).await?;
+    let js = jetstream::new(client.clone());
+    let specs = stone_events::streams::all_streams(&config.namespace(), config.events_retention());
+    ensure_streams(&js, &specs, config.events.replicas).await.map_err(|error| {
+        anyhow::anyhow!("{error:#}; is JetStream enabled on {} (nats-server -js)?", crate::dependency::redact_url(&config.nats_url))
+    })?;
+    Ok((client, js))
+}
