@@ -1,1 +1,164 @@
-//! placeholder
+//! The Proxy Stone data plane: accepts HTTP/1.1 and HTTP/2 (h2c), routes each request to an
+//! upstream target, streams the response back, and emits one `request.completed` per request to
+//! JetStream without ever waiting on it.
+//!
+//! [`build`] binds the listeners and spawns the work on the process's [`Shutdown`]; tests call it
+//! with port 0, the `stone` command with the configured addresses.
+
+pub mod balancer;
+pub mod body;
+pub mod emitter;
+pub mod routing;
+pub mod service;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use stone_events::Envelope;
+use stone_events::health::WorkerHeartbeat;
+use stone_kit::admin::{self, Readiness};
+use stone_kit::{Shutdown, StoneConfig};
+
+use crate::emitter::EmitterSettings;
+use crate::routing::RouteTable;
+use crate::service::{ProxyService, ServiceSettings};
+
+/// How often a worker announces itself.
+const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(10);
+
+/// A started proxy.
+#[derive(Debug, Clone)]
+pub struct RunningProxy {
+    pub listen_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub worker_id: String,
+}
+
+/// The worker id: configured, or `proxy-<hostname>-<pid>`.
+pub fn worker_id(config: &StoneConfig) -> String {
+    if !config.proxy.worker_id.is_empty() {
+        return config.proxy.worker_id.clone();
+    }
+    let host = std::fs::read_to_string("/etc/hostname").map(|name| name.trim().to_owned()).unwrap_or_default();
+    let host = if host.is_empty() { "local".to_owned() } else { host };
+    format!("proxy-{host}-{}", std::process::id())
+}
+
+/// Validates the routing configuration, connects to NATS, binds both listeners and spawns the
+/// proxy. Everything that can fail does so before the first request is accepted.
+pub async fn build(config: &StoneConfig, shutdown: &Shutdown) -> anyhow::Result<RunningProxy> {
+    let table = RouteTable::build(&config.proxy.routes, &config.proxy.upstreams)
+        .map_err(|message| anyhow::anyhow!("invalid configuration: proxy: {message}"))?;
+    if table.is_empty() {
+        tracing::warn!("no routes configured: every request will get 404");
+    }
+    let (_client, js) = stone_kit::nats::connect_and_provision(config, "stone-proxy").await?;
+    let listener = stone_kit::bind(config.proxy.listen, "proxy.listen").await?;
+    let admin_listener = stone_kit::bind(config.proxy.admin_listen, "proxy.admin_listen").await?;
+    let listen_addr = listener.local_addr()?;
+    let admin_addr = admin_listener.local_addr()?;
+    let worker = worker_id(config);
+
+    let (sink, publisher) = emitter::channel(
+        js,
+        EmitterSettings {
+            namespace: config.namespace(),
+            partitions: config.partitions,
+            capacity: config.proxy.event_queue_capacity,
+            max_in_flight: config.proxy.publish_max_in_flight,
+            worker_id: worker.clone(),
+            drain_grace: config.shutdown_grace(),
+        },
+        shutdown.token(),
+    );
+    shutdown.spawn(publisher);
+
+    let service = ProxyService::new(
+        table,
+        0,
+        sink,
+        ServiceSettings {
+            worker_id: Arc::from(worker.as_str()),
+            connect_timeout: Duration::from_millis(config.proxy.connect_timeout_ms),
+            default_timeout: Duration::from_millis(config.proxy.upstream_timeout_ms),
+        },
+    );
+
+    let readiness = Readiness::new(&["config"]);
+    // Standalone mode: the table came from the configuration file and is in force now.
+    readiness.set("config", true);
+    let token = shutdown.token();
+    shutdown.spawn(async move {
+        if let Err(error) = admin::serve(admin_listener, admin::router(readiness), token).await {
+            tracing::error!(%error, "proxy admin server failed");
+        }
+    });
+    shutdown.spawn(heartbeat(service.clone(), worker.clone(), shutdown.clone()));
+    shutdown.spawn(accept_loop(listener, service, shutdown.clone(), config.shutdown_grace()));
+    tracing::info!(listen = %listen_addr, admin = %admin_addr, worker = %worker, "proxy started");
+    Ok(RunningProxy { listen_addr, admin_addr, worker_id: worker })
+}
+
+/// Accepts connections until shutdown, then lets open connections finish within the grace
+/// period. The service (and with it the event sink) is dropped at the end, which lets the
+/// publisher flush and stop.
+async fn accept_loop(listener: tokio::net::TcpListener, service: ProxyService, shutdown: Shutdown, grace: Duration) {
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let builder = auto::Builder::new(TokioExecutor::new());
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = shutdown.triggered() => break,
+        };
+        let (stream, client) = match accepted {
+            Ok(accepted) => accepted,
+            Err(error) => {
+                // Out of file descriptors and similar: back off instead of spinning.
+                tracing::warn!(%error, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let service = service.clone();
+        let handler = service_fn(move |request| {
+            let service = service.clone();
+            async move { Ok::<_, std::convert::Infallible>(service.handle(request, client).await) }
+        });
+        let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), handler).into_owned();
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(error = %error, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    drop(service);
+    if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
+        tracing::warn!("connections still open after the shutdown grace period");
+    }
+}
+
+async fn heartbeat(service: ProxyService, worker: String, shutdown: Shutdown) {
+    let started = Instant::now();
+    let mut interval = tokio::time::interval(HEARTBEAT_INTERVAL);
+    loop {
+        tokio::select! {
+            _ = interval.tick() => {}
+            () = shutdown.triggered() => return,
+        }
+        let beat = WorkerHeartbeat {
+            worker: worker.clone(),
+            build: stone_kit::BUILD_VERSION.to_owned(),
+            uptime_s: started.elapsed().as_secs(),
+            in_flight: service.in_flight(),
+            events_pending: service.events_pending() as u64,
+        };
+        service.sink().emit(&Envelope::new(worker.clone(), 0, beat));
+    }
+}

@@ -1,0 +1,170 @@
+//! Body wrappers that measure a request while it streams: bytes in, bytes out, and the moment the
+//! response finished, when the `request.completed` event is emitted. Nothing is buffered.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::combinators::BoxBody;
+use pin_project_lite::pin_project;
+use stone_events::Envelope;
+use stone_events::request::{ErrorKind, RequestCompleted};
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use crate::emitter::EventSink;
+
+/// The response body type of the proxy.
+pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
+
+pin_project! {
+    /// A request body that counts the bytes it passes on.
+    pub struct CountingBody<B> {
+        #[pin]
+        inner: B,
+        counter: Arc<AtomicU64>,
+    }
+}
+
+impl<B> CountingBody<B> {
+    pub fn new(inner: B, counter: Arc<AtomicU64>) -> Self {
+        Self { inner, counter }
+    }
+}
+
+impl<B: Body<Data = Bytes>> Body for CountingBody<B> {
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(self: Pin<&mut Self>, context: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let this = self.project();
+        let polled = this.inner.poll_frame(context);
+        if let Poll::Ready(Some(Ok(frame))) = &polled {
+            if let Some(data) = frame.data_ref() {
+                this.counter.fetch_add(data.len() as u64, Ordering::Relaxed);
+            }
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Everything needed to emit `request.completed` once the response is done.
+pub struct Completion {
+    pub sink: EventSink,
+    pub event_id: Uuid,
+    pub source: Arc<str>,
+    pub config_seq: u64,
+    pub started_at: OffsetDateTime,
+    pub started: Instant,
+    pub upstream_started: Option<Instant>,
+    pub ttfb_us: Option<u64>,
+    pub bytes_in: Arc<AtomicU64>,
+    pub data: RequestCompleted,
+}
+
+impl Completion {
+    /// Emits the event. `error` overrides the recorded one when the body broke mid-stream.
+    pub fn finish(mut self, bytes_out: u64, error: Option<ErrorKind>) {
+        let total_us = micros(self.started.elapsed());
+        self.data.total_us = total_us;
+        self.data.upstream_us = self.upstream_started.map(|at| micros(at.elapsed()));
+        self.data.ttfb_us = self.ttfb_us;
+        self.data.bytes_in = self.bytes_in.load(Ordering::Relaxed);
+        self.data.bytes_out = bytes_out;
+        if error.is_some() {
+            self.data.error = error;
+        }
+        let route = self.data.route.clone();
+        metrics::counter!(
+            "stone_proxy_requests_total",
+            "route" => route.clone(),
+            "status_class" => stone_events::subjects::status_class(self.data.status)
+        )
+        .increment(1);
+        metrics::histogram!("stone_proxy_request_duration_seconds", "route" => route).record(total_us as f64 / 1e6);
+        let envelope = Envelope::with_id(self.event_id, self.started_at, self.source.as_ref(), self.config_seq, self.data);
+        self.sink.emit(&envelope);
+    }
+}
+
+pub fn micros(duration: std::time::Duration) -> u64 {
+    u64::try_from(duration.as_micros()).unwrap_or(u64::MAX)
+}
+
+pin_project! {
+    /// A response body that emits `request.completed` when it ends, fails, or is dropped early
+    /// (the client went away).
+    pub struct MeteredBody {
+        #[pin]
+        inner: ProxyBody,
+        completion: Option<Completion>,
+        bytes_out: u64,
+    }
+
+    impl PinnedDrop for MeteredBody {
+        fn drop(this: Pin<&mut Self>) {
+            let this = this.project();
+            if let Some(completion) = this.completion.take() {
+                // hyper never polls a body that reports its end up front (empty bodies, HEAD);
+                // only a body dropped before its end means the client went away.
+                let ended = this.inner.is_end_stream();
+                completion.finish(*this.bytes_out, if ended { None } else { Some(ErrorKind::ClientAbort) });
+            }
+        }
+    }
+}
+
+impl MeteredBody {
+    pub fn new(inner: ProxyBody, completion: Completion) -> Self {
+        Self { inner, completion: Some(completion), bytes_out: 0 }
+    }
+}
+
+impl Body for MeteredBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(self: Pin<&mut Self>, context: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self.project();
+        let polled = this.inner.poll_frame(context);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    *this.bytes_out += data.len() as u64;
+                }
+            }
+            Poll::Ready(Some(Err(_))) => {
+                if let Some(completion) = this.completion.take() {
+                    completion.finish(*this.bytes_out, Some(ErrorKind::UpstreamReset));
+                }
+            }
+            Poll::Ready(None) => {
+                if let Some(completion) = this.completion.take() {
+                    completion.finish(*this.bytes_out, None);
+                }
+            }
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
