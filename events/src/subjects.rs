@@ -92,6 +92,11 @@ impl Namespace {
         format!("{}.ev.{family}.>", self.root)
     }
 
+    /// Filter for one partition of one family, across types and versions.
+    pub fn family_partition_filter(&self, family: &str, partition: u16) -> String {
+        format!("{}.ev.{family}.*.*.{partition}.>", self.root)
+    }
+
     /// Filter for one partition of every family and type.
     pub fn partition_filter(&self, partition: u16) -> String {
         format!("{}.ev.*.*.*.{partition}.>", self.root)
