@@ -1,1 +1,73 @@
-fn main() {}
+//! `stone`: run a Proxy Stone service, or all of them with a demo (`stone dev`).
+//!
+//! `main` stays thin: parse arguments, load configuration, start telemetry, start the service,
+//! wait for a signal, drain within the configured bound.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+use stone_kit::{Shutdown, StoneConfig};
+
+mod demo;
+mod dev;
+
+#[derive(Debug, Parser)]
+#[command(name = "stone", version, about = "Proxy Stone: an event-sourced edge proxy")]
+struct Cli {
+    /// TOML configuration file; `STONE_*` environment variables override it.
+    #[arg(long, short = 'c', env = "STONE_CONFIG", global = true)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the proxy worker.
+    Proxy,
+    /// Run the analytics projector (EVENTS → ClickHouse).
+    Analytics,
+    /// Run the gateway (analytics, config and stream APIs).
+    Gateway,
+    /// Run every service in one process with a demo upstream and demo traffic.
+    Dev(dev::DevArgs),
+}
+
+fn main() {
+    stone_kit::exit_on_error(run());
+}
+
+fn run() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let config = StoneConfig::load(cli.config.as_deref())?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(async move {
+        let service_name = match cli.command {
+            Command::Proxy => "stone-proxy",
+            Command::Analytics => "stone-analytics",
+            Command::Gateway => "stone-gateway",
+            Command::Dev(_) => "stone-dev",
+        };
+        let _telemetry = stone_kit::telemetry::init(&config.telemetry, service_name)?;
+        let shutdown = Shutdown::new();
+        let started = match cli.command {
+            Command::Proxy => stone_proxy::build(&config, &shutdown).await.map(|_| ()),
+            Command::Analytics => stone_analytics::build(&config, &shutdown).await.map(|_| ()),
+            Command::Gateway => stone_gateway::build(&config, &shutdown).await.map(|_| ()),
+            Command::Dev(args) => dev::start(config.clone(), args, &shutdown).await,
+        };
+        if let Err(error) = started {
+            shutdown.trigger();
+            return Err(error);
+        }
+        let signal = tokio::select! {
+            signal = stone_kit::shutdown::signal() => signal,
+            () = shutdown.triggered() => "internal shutdown",
+        };
+        tracing::info!(signal, grace_ms = config.shutdown_grace_ms, "shutting down");
+        if let Err(error) = shutdown.drain(config.shutdown_grace()).await {
+            tracing::warn!(%error, "shutdown drain incomplete");
+        }
+        Ok(())
+    })
+}
