@@ -19,15 +19,8 @@ pub enum CacheAction {
 }
 
 impl CacheAction {
-    pub const ALL: [CacheAction; 7] = [
-        Self::Stored,
-        Self::Hit,
-        Self::Miss,
-        Self::StaleServed,
-        Self::Revalidated,
-        Self::Evicted,
-        Self::Purged,
-    ];
+    pub const ALL: [CacheAction; 7] =
+        [Self::Stored, Self::Hit, Self::Miss, Self::StaleServed, Self::Revalidated, Self::Evicted, Self::Purged];
 
     /// The event type for this action.
     pub fn event_type(self) -> &'static str {

@@ -123,9 +123,7 @@ pub mod timestamp {
         let utc = time.to_offset(UtcOffset::UTC);
         // The description has no component that can fail for a valid OffsetDateTime in UTC; fall
         // back to RFC 3339 rather than panic should that ever change.
-        utc.format(MICROS)
-            .or_else(|_| utc.format(&Rfc3339))
-            .unwrap_or_else(|_| utc.unix_timestamp().to_string())
+        utc.format(MICROS).or_else(|_| utc.format(&Rfc3339)).unwrap_or_else(|_| utc.unix_timestamp().to_string())
     }
 
     /// Parses any RFC 3339 time.

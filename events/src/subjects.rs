@@ -44,11 +44,7 @@ impl Namespace {
         let valid = !root.is_empty()
             && root.len() <= 32
             && root.bytes().all(|byte| byte.is_ascii_alphanumeric() || byte == b'_' || byte == b'-');
-        if valid {
-            Ok(Self { root: root.to_owned() })
-        } else {
-            Err(InvalidNamespace(root.to_owned()))
-        }
+        if valid { Ok(Self { root: root.to_owned() }) } else { Err(InvalidNamespace(root.to_owned())) }
     }
 
     pub fn root(&self) -> &str {
@@ -151,11 +147,7 @@ pub fn push_token(subject: &mut String, value: &str) {
         return;
     }
     subject.extend(value.chars().map(|character| {
-        if character.is_ascii_alphanumeric() || character == '_' || character == '-' {
-            character
-        } else {
-            '_'
-        }
+        if character.is_ascii_alphanumeric() || character == '_' || character == '-' { character } else { '_' }
     }));
 }
 

@@ -24,10 +24,7 @@ fn request_completed_v1_upcasts_to_current() {
     };
     assert_eq!(envelope.version, RequestCompleted::VERSION);
     assert_eq!(envelope.config_seq, 42);
-    assert_eq!(
-        envelope.trace.traceparent.as_deref(),
-        Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
-    );
+    assert_eq!(envelope.trace.traceparent.as_deref(), Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"));
     let data = envelope.data;
     assert_eq!(data.total_us, 12_346, "12.3456 ms rounds to 12346 µs");
     assert_eq!(data.cache, CacheStatus::Hit);
@@ -156,7 +153,9 @@ fn schemas_are_current() {
         }
     }
     let on_disk_count = std::fs::read_dir(&directory)
-        .map(|entries| entries.filter_map(Result::ok).filter(|e| e.path().extension().is_some_and(|x| x == "json")).count())
+        .map(|entries| {
+            entries.filter_map(Result::ok).filter(|e| e.path().extension().is_some_and(|x| x == "json")).count()
+        })
         .unwrap_or(0);
     assert!(stale.is_empty(), "schemas/ is stale for {stale:?}: run `just schemas` and commit the result");
     assert_eq!(on_disk_count, generated.len(), "schemas/ has files no type generates: run `just schemas`");

@@ -44,7 +44,11 @@ enum StepError {
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
 
 async fn watermark(clickhouse: &clickhouse::Client, partition: u16) -> Result<u64, clickhouse::error::Error> {
-    clickhouse.query("SELECT max(stream_seq) FROM requests WHERE partition = ?").bind(partition).fetch_one::<u64>().await
+    clickhouse
+        .query("SELECT max(stream_seq) FROM requests WHERE partition = ?")
+        .bind(partition)
+        .fetch_one::<u64>()
+        .await
 }
 
 async fn insert_rows(clickhouse: &clickhouse::Client, rows: &[RequestRow]) -> Result<(), clickhouse::error::Error> {
@@ -135,7 +139,9 @@ async fn step(context: &PartitionContext, stored: &mut u64, token: &Cancellation
             .set(info.pending as f64);
         if sequence > *stored {
             match decode(&message.payload) {
-                Ok(Event::RequestCompleted(envelope)) => rows.push(RequestRow::new(envelope, context.partition, sequence)),
+                Ok(Event::RequestCompleted(envelope)) => {
+                    rows.push(RequestRow::new(envelope, context.partition, sequence))
+                }
                 // Other request.* types do not exist yet; the filter only delivers request events.
                 Ok(_) => {}
                 Err(error) => dead_letter(context, &message, sequence, &error).await?,

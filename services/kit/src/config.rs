@@ -120,7 +120,12 @@ pub struct TelemetryConfig {
 
 impl Default for TelemetryConfig {
     fn default() -> Self {
-        Self { log: "info".to_owned(), log_format: LogFormat::Text, otlp_endpoint: String::new(), trace_sample_ratio: 0.01 }
+        Self {
+            log: "info".to_owned(),
+            log_format: LogFormat::Text,
+            otlp_endpoint: String::new(),
+            trace_sample_ratio: 0.01,
+        }
     }
 }
 
@@ -242,7 +247,10 @@ impl StoneConfig {
             return Err(invalid("partitions", "must be between 1 and 1024"));
         }
         if self.events.duplicate_window_secs < stone_events::streams::MIN_DUPLICATE_WINDOW.as_secs() {
-            return Err(invalid("events.duplicate_window_secs", "must be at least 120 (publishers retry across restarts)"));
+            return Err(invalid(
+                "events.duplicate_window_secs",
+                "must be at least 120 (publishers retry across restarts)",
+            ));
         }
         if self.events.max_age_secs == 0 {
             return Err(invalid("events.max_age_secs", "must be positive: it is the replay window"));
@@ -303,7 +311,11 @@ fn check_identifier(key: &str, value: &str) -> Result<(), ConfigError> {
         && value.len() <= 64
         && value.bytes().all(|byte| byte.is_ascii_alphanumeric() || byte == b'_')
         && !value.as_bytes()[0].is_ascii_digit();
-    if valid { Ok(()) } else { Err(invalid(key, format!("{value:?} must be letters, digits and '_', not starting with a digit"))) }
+    if valid {
+        Ok(())
+    } else {
+        Err(invalid(key, format!("{value:?} must be letters, digits and '_', not starting with a digit")))
+    }
 }
 
 #[cfg(test)]
@@ -361,7 +373,10 @@ mod tests {
         let bad_window = load_in_jail(Some("[events]\nduplicate_window_secs = 5\n"), &[]).err();
         assert!(bad_window.as_deref().is_some_and(|m| m.contains("events.duplicate_window_secs")), "{bad_window:?}");
         let bad_env_type = load_in_jail(None, &[("STONE_PARTITIONS", "many")]).err();
-        assert!(bad_env_type.as_deref().is_some_and(|m| m.contains("STONE_") && m.contains("PARTITIONS")), "{bad_env_type:?}");
+        assert!(
+            bad_env_type.as_deref().is_some_and(|m| m.contains("STONE_") && m.contains("PARTITIONS")),
+            "{bad_env_type:?}"
+        );
     }
 
     #[test]

@@ -73,7 +73,8 @@ pub fn statements(sql: &str) -> Vec<String> {
 
 /// A stable checksum of a migration's text (FNV-1a), to detect edits of applied migrations.
 pub fn checksum(sql: &str) -> u64 {
-    sql.bytes().fold(0xcbf2_9ce4_8422_2325u64, |hash, byte| (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3))
+    sql.bytes()
+        .fold(0xcbf2_9ce4_8422_2325u64, |hash, byte| (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3))
 }
 
 #[cfg(test)]
@@ -83,7 +84,9 @@ mod tests {
     fn listed_files(directory: &str) -> Vec<String> {
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../migrations").join(directory);
         let mut names: Vec<String> = std::fs::read_dir(path)
-            .map(|entries| entries.filter_map(Result::ok).map(|entry| entry.file_name().to_string_lossy().into_owned()).collect())
+            .map(|entries| {
+                entries.filter_map(Result::ok).map(|entry| entry.file_name().to_string_lossy().into_owned()).collect()
+            })
             .unwrap_or_default();
         names.retain(|name| name.ends_with(".sql"));
         names.sort();

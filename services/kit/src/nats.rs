@@ -49,14 +49,17 @@ pub async fn ensure_streams(js: &jetstream::Context, specs: &[StreamSpec], repli
             .get_or_create_stream(wanted.clone())
             .await
             .map_err(|error| anyhow::anyhow!("cannot create stream {}: {error}", spec.name))?;
-        let current = existing.info().await.map_err(|error| anyhow::anyhow!("stream {}: {error}", spec.name))?.config.clone();
+        let current =
+            existing.info().await.map_err(|error| anyhow::anyhow!("stream {}: {error}", spec.name))?.config.clone();
         let differs = current.subjects != wanted.subjects
             || current.max_age != wanted.max_age
             || current.max_bytes != wanted.max_bytes
             || current.duplicate_window != wanted.duplicate_window
             || current.description != wanted.description;
         if differs {
-            js.update_stream(&wanted).await.map_err(|error| anyhow::anyhow!("cannot update stream {}: {error}", spec.name))?;
+            js.update_stream(&wanted)
+                .await
+                .map_err(|error| anyhow::anyhow!("cannot update stream {}: {error}", spec.name))?;
             tracing::info!(stream = %spec.name, "stream settings updated");
         }
     }
@@ -64,12 +67,18 @@ pub async fn ensure_streams(js: &jetstream::Context, specs: &[StreamSpec], repli
 }
 
 /// Connects and provisions every stream of the configured namespace.
-pub async fn connect_and_provision(config: &StoneConfig, client_name: &str) -> anyhow::Result<(async_nats::Client, jetstream::Context)> {
+pub async fn connect_and_provision(
+    config: &StoneConfig,
+    client_name: &str,
+) -> anyhow::Result<(async_nats::Client, jetstream::Context)> {
     let client = connect(config, client_name).await?;
     let js = jetstream::new(client.clone());
     let specs = stone_events::streams::all_streams(&config.namespace(), config.events_retention());
     ensure_streams(&js, &specs, config.events.replicas).await.map_err(|error| {
-        anyhow::anyhow!("{error:#}; is JetStream enabled on {} (nats-server -js)?", crate::dependency::redact_url(&config.nats_url))
+        anyhow::anyhow!(
+            "{error:#}; is JetStream enabled on {} (nats-server -js)?",
+            crate::dependency::redact_url(&config.nats_url)
+        )
     })?;
     Ok((client, js))
 }

@@ -18,7 +18,8 @@ use crate::config::{LogFormat, TelemetryConfig};
 
 /// Latency buckets in seconds, from 50 µs to 30 s.
 const SECONDS_BUCKETS: &[f64] = &[
-    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+    10.0, 30.0,
 ];
 
 static METRICS: OnceLock<PrometheusHandle> = OnceLock::new();

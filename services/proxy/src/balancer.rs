@@ -35,12 +35,14 @@ impl Upstream {
             .targets
             .iter()
             .map(|target| {
-                let uri: http::Uri = target.url.parse().map_err(|_| format!("targets: {:?} is not a URL", target.url))?;
+                let uri: http::Uri =
+                    target.url.parse().map_err(|_| format!("targets: {:?} is not a URL", target.url))?;
                 let scheme = uri.scheme().cloned().ok_or_else(|| format!("targets: {:?} needs http://", target.url))?;
                 if scheme != Scheme::HTTP {
                     return Err(format!("targets: {:?}: only http:// targets are supported", target.url));
                 }
-                let authority = uri.authority().cloned().ok_or_else(|| format!("targets: {:?} has no host", target.url))?;
+                let authority =
+                    uri.authority().cloned().ok_or_else(|| format!("targets: {:?} has no host", target.url))?;
                 if target.weight == 0 || target.weight > 10_000 {
                     return Err(format!("targets: {:?}: weight must be 1..=10000", target.url));
                 }
@@ -97,7 +99,10 @@ mod tests {
         let upstream = Upstream::new(&spec)?;
         let picks: Vec<&str> = (0..7).filter_map(|_| upstream.pick().map(|t| t.url.as_str())).collect();
         // nginx's documented sequence for weights 5,1,1: a a b a c a a
-        assert_eq!(picks, ["http://a:1", "http://a:1", "http://b:1", "http://a:1", "http://c:1", "http://a:1", "http://a:1"]);
+        assert_eq!(
+            picks,
+            ["http://a:1", "http://a:1", "http://b:1", "http://a:1", "http://c:1", "http://a:1", "http://a:1"]
+        );
         Ok(())
     }
 

@@ -94,7 +94,8 @@ impl Completion {
         )
         .increment(1);
         metrics::histogram!("stone_proxy_request_duration_seconds", "route" => route).record(total_us as f64 / 1e6);
-        let envelope = Envelope::with_id(self.event_id, self.started_at, self.source.as_ref(), self.config_seq, self.data);
+        let envelope =
+            Envelope::with_id(self.event_id, self.started_at, self.source.as_ref(), self.config_seq, self.data);
         self.sink.emit(&envelope);
     }
 }

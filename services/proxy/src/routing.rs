@@ -158,7 +158,8 @@ impl RouteTable {
             }
             let paths = if spec.paths.is_empty() { vec!["/*".to_owned()] } else { spec.paths.clone() };
             for path in paths {
-                let pattern = PathPattern::parse(&path).map_err(|message| format!("route {:?}: paths: {message}", spec.name))?;
+                let pattern =
+                    PathPattern::parse(&path).map_err(|message| format!("route {:?}: paths: {message}", spec.name))?;
                 entries.push(Entry { route: Arc::clone(&route), pattern });
             }
         }
@@ -183,7 +184,10 @@ impl RouteTable {
                 let route = &entry.route;
                 (route.hosts.is_empty() || route.hosts.iter().any(|candidate| candidate.eq_ignore_ascii_case(host)))
                     && (route.methods.is_empty() || route.methods.contains(method))
-                    && route.headers.iter().all(|(name, value)| headers.get(name).is_some_and(|actual| actual == value.as_str()))
+                    && route
+                        .headers
+                        .iter()
+                        .all(|(name, value)| headers.get(name).is_some_and(|actual| actual == value.as_str()))
                     && entry.pattern.matches(path)
             })
             .map(|entry| RouteMatch { route: &entry.route, pattern: &entry.pattern })
@@ -200,7 +204,9 @@ impl RouteTable {
 
 fn compile_route(spec: &RouteSpec, upstreams: &HashMap<String, Arc<Upstream>>) -> Result<Route, String> {
     let fail = |field: &str, message: String| format!("route {:?}: {field}: {message}", spec.name);
-    if spec.name.is_empty() || !spec.name.bytes().all(|byte| byte.is_ascii_alphanumeric() || byte == b'_' || byte == b'-') {
+    if spec.name.is_empty()
+        || !spec.name.bytes().all(|byte| byte.is_ascii_alphanumeric() || byte == b'_' || byte == b'-')
+    {
         return Err(fail("name", "use letters, digits, '_' and '-'".to_owned()));
     }
     let upstream = upstreams
@@ -210,7 +216,10 @@ fn compile_route(spec: &RouteSpec, upstreams: &HashMap<String, Arc<Upstream>>) -
     let methods = spec
         .methods
         .iter()
-        .map(|method| Method::from_bytes(method.to_ascii_uppercase().as_bytes()).map_err(|_| fail("methods", format!("{method:?} is not a method"))))
+        .map(|method| {
+            Method::from_bytes(method.to_ascii_uppercase().as_bytes())
+                .map_err(|_| fail("methods", format!("{method:?} is not a method")))
+        })
         .collect::<Result<Vec<_>, _>>()?;
     let headers = spec
         .headers
@@ -237,7 +246,8 @@ fn host_without_port(host: &str) -> &str {
     if host.starts_with('[') {
         return host.split_once(']').map_or(host, |(address, _)| address.trim_start_matches('['));
     }
-    host.rsplit_once(':').map_or(host, |(name, port)| if port.bytes().all(|b| b.is_ascii_digit()) { name } else { host })
+    host.rsplit_once(':')
+        .map_or(host, |(name, port)| if port.bytes().all(|b| b.is_ascii_digit()) { name } else { host })
 }
 
 #[cfg(test)]

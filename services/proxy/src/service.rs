@@ -163,14 +163,24 @@ impl ProxyService {
 
         let table = self.table();
         let Some(found) = table.find(&host, &path, request.method(), request.headers()) else {
-            return local_response(completion, StatusCode::NOT_FOUND, ErrorKind::NoRoute, "no route matches this request");
+            return local_response(
+                completion,
+                StatusCode::NOT_FOUND,
+                ErrorKind::NoRoute,
+                "no route matches this request",
+            );
         };
         let route = Arc::clone(found.route);
         completion.data.route = route.name.clone();
         completion.data.path_template = found.pattern.template();
         completion.data.upstream = Some(route.upstream.name.clone());
         let Some(target) = route.upstream.pick() else {
-            return local_response(completion, StatusCode::BAD_GATEWAY, ErrorKind::NoHealthyTarget, "no upstream target available");
+            return local_response(
+                completion,
+                StatusCode::BAD_GATEWAY,
+                ErrorKind::NoHealthyTarget,
+                "no upstream target available",
+            );
         };
         completion.data.target = Some(target.url.clone());
 
@@ -185,7 +195,12 @@ impl ProxyService {
             .path_and_query(path_and_query)
             .build();
         let Ok(uri) = uri else {
-            return local_response(completion, StatusCode::BAD_REQUEST, ErrorKind::BadRequest, "request path cannot be forwarded");
+            return local_response(
+                completion,
+                StatusCode::BAD_REQUEST,
+                ErrorKind::BadRequest,
+                "request path cannot be forwarded",
+            );
         };
 
         let (mut parts, body) = request.into_parts();
@@ -209,7 +224,12 @@ impl ProxyService {
                 return local_response(completion, StatusCode::BAD_GATEWAY, kind, "upstream unavailable");
             }
             Err(_) => {
-                return local_response(completion, StatusCode::GATEWAY_TIMEOUT, ErrorKind::UpstreamTimeout, "upstream timed out");
+                return local_response(
+                    completion,
+                    StatusCode::GATEWAY_TIMEOUT,
+                    ErrorKind::UpstreamTimeout,
+                    "upstream timed out",
+                );
             }
         };
 
@@ -281,7 +301,12 @@ fn prepare_request_headers(headers: &mut HeaderMap, client: SocketAddr, host: &s
 }
 
 /// A response the proxy makes itself (no route, upstream down, timeout), with its event.
-fn local_response(mut completion: Completion, status: StatusCode, kind: ErrorKind, message: &str) -> Response<ProxyBody> {
+fn local_response(
+    mut completion: Completion,
+    status: StatusCode,
+    kind: ErrorKind,
+    message: &str,
+) -> Response<ProxyBody> {
     completion.data.status = status.as_u16();
     completion.data.error = Some(kind);
     let body = serde_json::json!({ "error": { "code": kind.as_str(), "message": message } }).to_string();
