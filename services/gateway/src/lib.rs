@@ -1,1 +1,106 @@
-//! placeholder
+//! The Proxy Stone gateway: the REST API over the projections (analytics from ClickHouse now;
+//! configuration, health and live streams to come), its OpenAPI document, and the admin endpoints
+//! (`/healthz`, `/readyz`, `/metrics`) on the same listener.
+//!
+//! There is no binary here: the `stone` CLI is the composition root and calls [`build`], which
+//! binds, spawns the server on the process's [`Shutdown`] and returns at once. Tests use the same
+//! [`build`] on port 0, or [`router`] in-process.
+
+#![forbid(unsafe_code)]
+
+pub mod analytics;
+pub mod error;
+pub mod metrics;
+pub mod openapi;
+mod readiness;
+pub mod time_range;
+
+use std::net::SocketAddr;
+
+use axum::Router;
+use axum::routing::get;
+use stone_kit::StoneConfig;
+use stone_kit::admin::Readiness;
+use stone_kit::shutdown::Shutdown;
+use tokio::task::JoinHandle;
+
+pub use crate::error::ApiError;
+pub use crate::readiness::CLICKHOUSE_CONDITION;
+
+/// What every handler shares. Cheap to clone: the ClickHouse client and the readiness map are
+/// handles.
+#[derive(Clone)]
+pub struct AppState {
+    pub clickhouse: clickhouse::Client,
+    pub readiness: Readiness,
+}
+
+impl AppState {
+    pub fn new(clickhouse: clickhouse::Client, readiness: Readiness) -> Self {
+        Self { clickhouse, readiness }
+    }
+
+    /// A client on the configured database and readiness waiting for the first ClickHouse ping.
+    pub fn from_config(config: &StoneConfig) -> Self {
+        Self::new(analytics::clickhouse_client(config), Readiness::new(&[CLICKHOUSE_CONDITION]))
+    }
+}
+
+/// Every route of the gateway, with the metrics middleware over all of them.
+pub fn router(state: AppState) -> Router {
+    metrics::install();
+    let admin = stone_kit::admin::router(state.readiness.clone());
+    Router::new()
+        .route("/v1/openapi.json", get(openapi::serve_document))
+        .merge(analytics::routes())
+        .fallback(|uri: axum::http::Uri| async move { ApiError::NotFound { path: uri.path().to_owned() } })
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        .with_state(state)
+        .merge(admin)
+        .layer(axum::middleware::from_fn(metrics::record))
+}
+
+/// A gateway serving on its own task until the process's shutdown is triggered.
+#[derive(Debug)]
+pub struct RunningGateway {
+    local_addr: SocketAddr,
+    server: JoinHandle<std::io::Result<()>>,
+}
+
+impl RunningGateway {
+    /// The bound address: the configured one, or the port the OS chose for port 0.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Resolves when the server has stopped: after a shutdown once in-flight requests finished,
+    /// or early if serving failed.
+    pub async fn stopped(self) -> anyhow::Result<()> {
+        self.server.await??;
+        Ok(())
+    }
+}
+
+/// Binds `gateway.listen`, starts the ClickHouse readiness probe and the server as tasks tracked
+/// by `shutdown`, and returns once the listener is bound. Migrations are not run here: the
+/// analytics projector owns the ClickHouse schema.
+pub async fn build(config: &StoneConfig, shutdown: &Shutdown) -> anyhow::Result<RunningGateway> {
+    let listener = stone_kit::bind(config.gateway.listen, "gateway.listen").await?;
+    let local_addr = listener.local_addr()?;
+    let state = AppState::from_config(config);
+    shutdown.spawn(readiness::probe_clickhouse(config.clone(), state.readiness.clone(), shutdown.token()));
+    let serving = stone_kit::admin::serve(listener, router(state), shutdown.token());
+    let process_shutdown = shutdown.clone();
+    let server = shutdown.spawn(async move {
+        let outcome = serving.await;
+        // The caller may have dropped the handle; a gateway that stopped serving on its own must
+        // still stop the process rather than leave it running without its API.
+        if let Err(error) = &outcome {
+            tracing::error!(%error, "gateway server failed, shutting down");
+            process_shutdown.trigger();
+        }
+        outcome
+    });
+    tracing::info!(address = %local_addr, "gateway listening");
+    Ok(RunningGateway { local_addr, server })
+}

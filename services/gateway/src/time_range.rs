@@ -67,7 +67,10 @@ impl TimeRange {
         let from_micros = truncate_to_micros(from);
         let to_micros = truncate_to_micros(to);
         if from_micros >= to_micros {
-            return Err(TimeRangeError::NotIncreasing { from: format_rfc3339(from_micros), to: format_rfc3339(to_micros) });
+            return Err(TimeRangeError::NotIncreasing {
+                from: format_rfc3339(from_micros),
+                to: format_rfc3339(to_micros),
+            });
         }
         if to_micros - from_micros > Duration::days(MAX_RANGE_DAYS) {
             return Err(TimeRangeError::TooLong);
@@ -106,7 +109,9 @@ pub fn parse_instant(field: &'static str, value: &str, now: OffsetDateTime) -> R
         None => Some(OffsetDateTime::parse(value, &Rfc3339).map_err(|_| unparsable(field, value))?),
     };
     match instant {
-        Some(instant) if (EARLIEST_UNIX_SECONDS..=LATEST_UNIX_SECONDS).contains(&instant.unix_timestamp()) => Ok(instant),
+        Some(instant) if (EARLIEST_UNIX_SECONDS..=LATEST_UNIX_SECONDS).contains(&instant.unix_timestamp()) => {
+            Ok(instant)
+        }
         _ => Err(TimeRangeError::OutOfRange { field, value: value.to_owned() }),
     }
 }
@@ -192,8 +197,24 @@ mod tests {
     #[test]
     fn malformed_times_are_refused_with_the_field() {
         for bad in [
-            "", "-", "-m", "-15", "15m", "-15x", "-1.5h", "+15m", "now+1h", "now-", "-15M", "- 15m", "-1234567890s",
-            "yesterday", "2025-06-15", "2025-06-15T10:00:00", "2025-13-01T00:00:00Z", "1718445600",
+            "",
+            "-",
+            "-m",
+            "-15",
+            "15m",
+            "-15x",
+            "-1.5h",
+            "+15m",
+            "now+1h",
+            "now-",
+            "-15M",
+            "- 15m",
+            "-1234567890s",
+            "yesterday",
+            "2025-06-15",
+            "2025-06-15T10:00:00",
+            "2025-13-01T00:00:00Z",
+            "1718445600",
         ] {
             let error = parse_instant("to", bad, NOW).err();
             assert!(matches!(error, Some(TimeRangeError::Unparsable { field: "to", .. })), "{bad:?} gave {error:?}");

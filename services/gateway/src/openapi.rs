@@ -1,0 +1,38 @@
+//! The OpenAPI document, generated from the handlers' annotations so that it cannot drift from
+//! the code. A test compares it with the checked-in `openapi.json` so that API changes show up in
+//! review.
+
+use axum::Json;
+use utoipa::OpenApi;
+
+use crate::analytics::summary::{LatencyQuantiles, Summary};
+use crate::error::{ErrorBody, ErrorDetail};
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "Proxy Stone gateway",
+        description = "Traffic analytics, configuration and live streams of a Proxy Stone deployment."
+    ),
+    paths(crate::analytics::summary::summary),
+    components(schemas(Summary, LatencyQuantiles, ErrorBody, ErrorDetail)),
+    tags((name = "analytics", description = "Traffic analytics from the ClickHouse projection"))
+)]
+struct ApiDoc;
+
+/// The document as a value.
+pub fn document() -> utoipa::openapi::OpenApi {
+    ApiDoc::openapi()
+}
+
+/// The document as pretty JSON with a trailing newline, as checked in.
+pub fn document_json() -> Result<String, serde_json::Error> {
+    let mut text = document().to_pretty_json()?;
+    text.push('\n');
+    Ok(text)
+}
+
+/// `GET /v1/openapi.json`.
+pub async fn serve_document() -> Json<utoipa::openapi::OpenApi> {
+    Json(document())
+}
