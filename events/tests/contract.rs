@@ -1,6 +1,8 @@
 //! The event contract from the outside: fixtures of every published version decode, old versions
 //! upcast, unknown ones are rejected with a reason, and the checked-in schemas are current.
 
+#![allow(clippy::panic, clippy::unwrap_used, clippy::expect_used)]
+
 use std::path::{Path, PathBuf};
 
 use stone_events::cache::CacheEvent;

@@ -1,6 +1,8 @@
 //! Property tests: whatever a writer encodes, a reader decodes to the same value; no input makes
 //! the decoder panic.
 
+#![allow(clippy::panic, clippy::unwrap_used, clippy::expect_used)]
+
 use proptest::prelude::*;
 use stone_events::cache::{CacheAction, CacheEvent, CacheTier};
 use stone_events::config::{ConfigChange, ConfigOp, EntityKind, EntitySpec, LbAlgorithm, TargetSpec, UpstreamSpec};

@@ -151,16 +151,16 @@ async fn step(context: &PartitionContext, stored: &mut u64, token: &Cancellation
     }
     let Some((last_message, last_sequence)) = last else { return Ok(()) };
 
-    if !rows.is_empty() {
-        if let Err(error) = insert_rows(&context.clickhouse, &rows).await {
-            // The insert may have committed before the error; re-read the watermark so the
-            // retry (the redelivered batch) skips whatever did land.
-            if let Ok(current) = watermark(&context.clickhouse, context.partition).await {
-                *stored = current;
-            }
-            let _ = last_message.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
-            return Err(error.into());
+    if !rows.is_empty()
+        && let Err(error) = insert_rows(&context.clickhouse, &rows).await
+    {
+        // The insert may have committed before the error; re-read the watermark so the
+        // retry (the redelivered batch) skips whatever did land.
+        if let Ok(current) = watermark(&context.clickhouse, context.partition).await {
+            *stored = current;
         }
+        let _ = last_message.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
+        return Err(error.into());
     }
     *stored = (*stored).max(last_sequence);
     // The consumer acknowledges everything up to this message (AckPolicy::All).

@@ -3,6 +3,8 @@
 //!
 //! The ClickHouse client points at a port nothing listens on, which also exercises the 503 path.
 
+#![allow(clippy::panic, clippy::unwrap_used, clippy::expect_used)]
+
 use axum::Router;
 use axum::body::Body;
 use axum::http::{Request, StatusCode};

@@ -2,6 +2,8 @@
 //! `STONE_CLICKHOUSE_URL`, a database of its own per test, the gateway built as the `stone` CLI
 //! builds it on port 0, and HTTP over a real socket.
 
+#![allow(clippy::panic, clippy::unwrap_used, clippy::expect_used)]
+
 use std::time::Duration;
 
 use bytes::Bytes;

@@ -326,6 +326,7 @@ mod tests {
 
     /// Loads through the real providers inside a `Jail`, which sandboxes the working directory
     /// and environment variables.
+    #[allow(clippy::result_large_err)] // figment::Jail fixes the closure's error type
     fn load_in_jail(toml: Option<&str>, env: &[(&str, &str)]) -> Result<StoneConfig, String> {
         let mut outcome = Err(String::new());
         Jail::expect_with(|jail| {

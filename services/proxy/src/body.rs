@@ -43,10 +43,10 @@ impl<B: Body<Data = Bytes>> Body for CountingBody<B> {
     fn poll_frame(self: Pin<&mut Self>, context: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         let this = self.project();
         let polled = this.inner.poll_frame(context);
-        if let Poll::Ready(Some(Ok(frame))) = &polled {
-            if let Some(data) = frame.data_ref() {
-                this.counter.fetch_add(data.len() as u64, Ordering::Relaxed);
-            }
+        if let Poll::Ready(Some(Ok(frame))) = &polled
+            && let Some(data) = frame.data_ref()
+        {
+            this.counter.fetch_add(data.len() as u64, Ordering::Relaxed);
         }
         polled
     }

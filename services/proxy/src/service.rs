@@ -293,10 +293,10 @@ fn prepare_request_headers(headers: &mut HeaderMap, client: SocketAddr, host: &s
         headers.insert(&X_FORWARDED_HOST, value);
     }
     headers.append(header::VIA, VIA_VALUE.clone());
-    if !headers.contains_key(&X_REQUEST_ID) {
-        if let Ok(value) = HeaderValue::from_str(&event_id.to_string()) {
-            headers.insert(&X_REQUEST_ID, value);
-        }
+    if !headers.contains_key(&X_REQUEST_ID)
+        && let Ok(value) = HeaderValue::from_str(&event_id.to_string())
+    {
+        headers.insert(&X_REQUEST_ID, value);
     }
 }
 

@@ -4,6 +4,8 @@
 //! Each test runs in its own NATS namespace (its own streams) and its own ClickHouse database,
 //! so tests run in parallel against the shared local stack and leave nothing behind.
 
+#![allow(clippy::panic, clippy::unwrap_used, clippy::expect_used)]
+
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -26,13 +28,15 @@ fn env_or(key: &str, default: &str) -> String {
 fn isolated_config(upstream: SocketAddr) -> StoneConfig {
     let unique = uuid::Uuid::now_v7().simple().to_string();
     let suffix = &unique[unique.len() - 10..];
-    let mut config = StoneConfig::default();
-    config.namespace = format!("t{suffix}");
-    config.nats_url = env_or("STONE_NATS_URL", "nats://127.0.0.1:4222");
-    config.clickhouse_url = env_or("STONE_CLICKHOUSE_URL", "http://127.0.0.1:8123");
-    config.clickhouse_database = format!("test_{suffix}");
-    config.partitions = 4;
-    config.shutdown_grace_ms = 5_000;
+    let mut config = StoneConfig {
+        namespace: format!("t{suffix}"),
+        nats_url: env_or("STONE_NATS_URL", "nats://127.0.0.1:4222"),
+        clickhouse_url: env_or("STONE_CLICKHOUSE_URL", "http://127.0.0.1:8123"),
+        clickhouse_database: format!("test_{suffix}"),
+        partitions: 4,
+        shutdown_grace_ms: 5_000,
+        ..StoneConfig::default()
+    };
     config.analytics.batch_max_wait_ms = 100;
     let any_port: SocketAddr = SocketAddr::from(([127, 0, 0, 1], 0));
     config.proxy.listen = any_port;
@@ -80,14 +84,18 @@ async fn start_upstream(shutdown: &Shutdown) -> std::io::Result<SocketAddr> {
                     }
                     Ok::<_, std::convert::Infallible>(response)
                 });
-                let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
+                let _ =
+                    hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
             });
         }
     });
     Ok(address)
 }
 
-async fn get(client: &Client<hyper_util::client::legacy::connect::HttpConnector, Empty<Bytes>>, url: &str) -> Result<(u16, Bytes), Box<dyn std::error::Error + Send + Sync>> {
+async fn get(
+    client: &Client<hyper_util::client::legacy::connect::HttpConnector, Empty<Bytes>>,
+    url: &str,
+) -> Result<(u16, Bytes), Box<dyn std::error::Error + Send + Sync>> {
     let response = client.request(Request::get(url).body(Empty::new())?).await?;
     let status = response.status().as_u16();
     let body = response.into_body().collect().await?.to_bytes();
