@@ -97,7 +97,8 @@ as_root() {
   if [[ "$(id -u)" -eq 0 ]]; then
     "$@"
   elif command -v sudo >/dev/null 2>&1; then
-    sudo -n "$@" || die "'$*' needs root; 'sudo -n' failed (run it yourself, or configure passwordless sudo)"
+    sudo -n true 2>/dev/null || die "'$*' needs root and 'sudo -n' is not allowed (run it yourself, or allow passwordless sudo)"
+    sudo -n "$@"
   else
     die "'$*' needs root and sudo is not installed"
   fi
@@ -177,6 +178,8 @@ wait_spawned() { # service log
       die "$svc did not start on $HOST:$port within ${WAIT}s; see $logfile"
     fi
     if [[ -n "${SPAWNED_PID:-}" ]] && ! kill -0 "$SPAWNED_PID" 2>/dev/null && [[ -z "$(our_pid "$svc")" ]]; then
+      # Somebody else (e.g. a service the package manager just started) owns the port.
+      port_open "$port" && return 0
       tail -n 20 "$logfile" >&2 2>/dev/null || true
       die "$svc exited while starting; see $logfile"
     fi
@@ -215,26 +218,28 @@ check_reused() { # service
 # ---------------------------------------------------------------------------------------------
 # starters: each installs what is missing, then starts a private server in the background
 
-start_nats() {
+start_nats() { # service
   local bin
   bin="$(find_bin nats-server)"
   if [[ -z "$bin" ]]; then
     apt_install nats-server
     bin="$(find_bin nats-server)"
     [[ -n "$bin" ]] || die "nats-server not found after installing it"
+    port_open "$(port_of "$1")" && return 0 # the package started one: reuse it
   fi
   mkdir -p "$STATE/nats"
   spawn "$LOGS/nats.log" "$bin" -a "$HOST" -p "$NATS_PORT" -js -sd "$STATE/nats" -P "$RUN/nats.pid"
   SPAWNED_PID=$!
 }
 
-start_redis() {
+start_redis() { # service
   local bin
   bin="$(find_bin redis-server)"
   if [[ -z "$bin" ]]; then
     apt_install redis-server
     bin="$(find_bin redis-server)"
     [[ -n "$bin" ]] || die "redis-server not found after installing it"
+    port_open "$(port_of "$1")" && return 0 # the package started one: reuse it
   fi
   mkdir -p "$STATE/redis"
   spawn "$LOGS/redis.log" "$bin" --bind "$HOST" --port "$REDIS_PORT" --save "" --appendonly no \
@@ -348,12 +353,18 @@ cmd_up() {
     fi
     log "$svc: starting a private server on $HOST:$port (log: $LOGS/$svc.log)"
     SPAWNED_PID=""
-    "start_$svc"
-    if [[ "$svc" == postgres && -z "$(our_pid postgres)" ]] && port_open "$port"; then
+    "start_$svc" "$svc"
+    if [[ -z "$SPAWNED_PID" && -z "$(our_pid "$svc")" ]] && port_open "$port"; then
+      # Installing the Debian package started a system server on the port.
       log "$svc: reusing the server its package started on $HOST:$port"
+      check_reused "$svc"
       continue
     fi
     wait_spawned "$svc" "$LOGS/$svc.log"
+    if [[ -z "$(our_pid "$svc")" ]]; then
+      log "$svc: reusing the server that took $HOST:$port while ours was starting"
+      continue
+    fi
     log "$svc: started (pid $(our_pid "$svc")) on $HOST:$port"
   done
   log "ready. Environment: eval \"\$($0 env)\""
@@ -430,11 +441,12 @@ main() {
     *) usage ;;
   esac
   mkdir -p "$LOGS" "$RUN"
-  if [[ "$1" != status ]]; then
-    # One up/down at a time.
-    exec 9>"$RUN/stack.lock"
-    flock -w 600 9 || die "another infra/stack.sh holds $RUN/stack.lock"
+  if [[ "$1" != status && -z "${STONE_STACK_LOCKED:-}" ]]; then
+    # One up/down at a time. flock holds the lock itself (-o: the servers we start do not
+    # inherit it) and runs this script again underneath.
+    exec env STONE_STACK_LOCKED=1 flock -o -w 600 "$RUN/stack.lock" bash "${BASH_SOURCE[0]}" "$@"
   fi
+  unset STONE_STACK_LOCKED
   "cmd_$1"
 }
 

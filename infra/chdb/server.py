@@ -113,6 +113,10 @@ INSERT_FORMAT_RE = re.compile(
     re.I | re.S,
 )
 NOT_A_FORMAT_INSERT_RE = re.compile(rb"\b(VALUES|SELECT|WITH)\b", re.I)
+QUOTED_IDENT_RE = re.compile(rb"`(?:[^`\\]|\\.)*`|\"(?:[^\"\\]|\\.)*\"")
+READONLY_QUERY_RE = re.compile(
+    r"\A\s*\(*\s*(SELECT|WITH|SHOW|DESC|DESCRIBE|EXISTS|EXPLAIN|CHECK)\b", re.I)
+STATEFUL_QUERY_RE = re.compile(r"\A\s*(SET|USE|CREATE\s+TEMPORARY|DROP\s+TEMPORARY)\b", re.I)
 TRAILING_FORMAT_RE = re.compile(r"\bFORMAT\s+([A-Za-z0-9_]+)\s*;?\s*\Z", re.I)
 CODE_RE = re.compile(r"Code:\s*(\d+)\.")
 SETTING_NAME_RE = re.compile(r"\A[A-Za-z_][A-Za-z0-9_]*\Z")
@@ -270,9 +274,12 @@ def has_multiple_statements(sql: str) -> bool:
     return False
 
 
+def _strip_comments(sql: str) -> str:
+    return re.sub(r"--[^\n]*|#[^\n]*|/\*.*?\*/", "", sql, flags=re.S)
+
+
 def _only_comments(sql: str) -> bool:
-    stripped = re.sub(r"--[^\n]*|#[^\n]*|/\*.*?\*/", "", sql, flags=re.S)
-    return not stripped.strip().strip(";").strip()
+    return not _strip_comments(sql).strip().strip(";").strip()
 
 
 def sql_quote(value: str) -> str:
@@ -667,6 +674,8 @@ class Handler(BaseHTTPRequestHandler):
                            "text/plain; charset=UTF-8")
                 return
             self._handle_query(method, params, body)
+            if not body.drain():  # e.g. a GET with a body: keep the connection in step
+                self.close_connection = True
         except ClickHouseError as err:
             self._send_error(err, body)
         except (BrokenPipeError, ConnectionResetError):
@@ -717,7 +726,8 @@ class Handler(BaseHTTPRequestHandler):
         while INSERT_START_RE.match(head) or (not head.strip() and not exhausted):
             m = INSERT_FORMAT_RE.match(head)
             if m and (m.group("end").endswith(b"\n") or exhausted) \
-                    and not NOT_A_FORMAT_INSERT_RE.search(m.group("stmt")):
+                    and not NOT_A_FORMAT_INSERT_RE.search(
+                        QUOTED_IDENT_RE.sub(b"``", m.group("stmt"))):
                 rest = bytes(head[m.end():])
                 stmt = m.group("stmt").decode("utf-8").strip()
                 fmt = m.group("fmt").decode("ascii")
@@ -742,12 +752,20 @@ class Handler(BaseHTTPRequestHandler):
         if has_multiple_statements(sql):
             raise ClickHouseError(62, "Syntax error (Multi-statements are not allowed)",
                                   "SYNTAX_ERROR")
+        if method == "GET" and not READONLY_QUERY_RE.match(_strip_comments(sql)):
+            raise ClickHouseError(
+                164, "Cannot execute query in readonly mode. For queries over HTTP, method GET "
+                "implies readonly. You should use method POST for modifying queries", "READONLY")
         fmt = params.get("default_format") or "TabSeparated"
         m = TRAILING_FORMAT_RE.search(sql)
         out_fmt = m.group(1) if m else fmt
 
         started = time.monotonic()
         with Lease(engine, params) as lease:
+            if lease.session is None and STATEFUL_QUERY_RE.match(_strip_comments(sql)):
+                # Outside a session, SET/USE/temporary tables must not outlive the request
+                # (as on a real server): retire the connection instead of pooling it.
+                lease.healthy = False
             with QueryContext(lease, params.get("database"), settings):
                 result = run(lease.conn, sql, fmt, query_params)
         payload = result.bytes() if len(result) else b""
