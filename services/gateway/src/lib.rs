@@ -81,10 +81,13 @@ impl RunningGateway {
     }
 }
 
-/// Binds `gateway.listen`, starts the ClickHouse readiness probe and the server as tasks tracked
-/// by `shutdown`, and returns once the listener is bound. Migrations are not run here: the
-/// analytics projector owns the ClickHouse schema.
+/// Applies the Postgres migrations (the gateway owns the configuration read side), binds
+/// `gateway.listen`, starts the ClickHouse readiness probe and the server as tasks tracked by
+/// `shutdown`, and returns once the listener is bound. ClickHouse migrations are not run here:
+/// the analytics projector owns that schema.
 pub async fn build(config: &StoneConfig, shutdown: &Shutdown) -> anyhow::Result<RunningGateway> {
+    let postgres = stone_kit::postgres::connect(config, 8).await?;
+    stone_kit::postgres::migrate(&postgres).await?;
     let listener = stone_kit::bind(config.gateway.listen, "gateway.listen").await?;
     let local_addr = listener.local_addr()?;
     let state = AppState::from_config(config);
