@@ -255,3 +255,155 @@ impl EventData for ConfigChange {
         vec![self.kind.as_str(), &self.name]
     }
 }
+
+/// The configuration as the fold of the CONFIG stream: what every worker and the Postgres
+/// projection compute from the same events, so they agree by construction.
+///
+/// Events of a change set are held back until the whole set has arrived and are then applied
+/// together, so no reader ever sees half of a multi-entity change.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ConfigState {
+    entities: BTreeMap<(EntityKind, String), ConfigEntity>,
+    pending_sets: BTreeMap<Uuid, Vec<(u64, ConfigChange)>>,
+    /// Stream sequence of the last event that changed the state.
+    pub applied_seq: u64,
+}
+
+/// One entity's current state in a [`ConfigState`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConfigEntity {
+    pub id: Uuid,
+    pub version: u64,
+    pub spec: EntitySpec,
+    pub stream_seq: u64,
+    pub actor: String,
+}
+
+impl ConfigState {
+    /// Applies the event at `stream_seq`. Returns the changes that took effect now, in order
+    /// (empty while a change set is incomplete).
+    pub fn apply(&mut self, stream_seq: u64, change: ConfigChange) -> Vec<(u64, ConfigChange)> {
+        let ready = match &change.change_set {
+            Some(set) if set.size > 1 => {
+                let set_id = set.id;
+                let size = set.size as usize;
+                let pending = self.pending_sets.entry(set_id).or_default();
+                pending.push((stream_seq, change));
+                if pending.len() < size {
+                    return Vec::new();
+                }
+                self.pending_sets.remove(&set_id).unwrap_or_default()
+            }
+            _ => vec![(stream_seq, change)],
+        };
+        for (sequence, change) in &ready {
+            self.apply_one(*sequence, change);
+        }
+        ready
+    }
+
+    fn apply_one(&mut self, stream_seq: u64, change: &ConfigChange) {
+        let key = (change.kind, change.name.clone());
+        match (&change.op, &change.spec) {
+            (ConfigOp::Upserted, Some(spec)) => {
+                self.entities.insert(
+                    key,
+                    ConfigEntity {
+                        id: change.id,
+                        version: change.version,
+                        spec: spec.clone(),
+                        stream_seq,
+                        actor: change.actor.clone(),
+                    },
+                );
+            }
+            // An upsert without a spec cannot be applied; writers never produce one.
+            (ConfigOp::Upserted, None) => {}
+            (ConfigOp::Deleted, _) => {
+                self.entities.remove(&key);
+            }
+        }
+        self.applied_seq = self.applied_seq.max(stream_seq);
+    }
+
+    pub fn get(&self, kind: EntityKind, name: &str) -> Option<&ConfigEntity> {
+        self.entities.get(&(kind, name.to_owned()))
+    }
+
+    /// Every entity of a kind, by name.
+    pub fn of_kind(&self, kind: EntityKind) -> impl Iterator<Item = &ConfigEntity> {
+        self.entities.iter().filter(move |((entity_kind, _), _)| *entity_kind == kind).map(|(_, entity)| entity)
+    }
+
+    pub fn routes(&self) -> Vec<RouteSpec> {
+        self.of_kind(EntityKind::Route)
+            .filter_map(|entity| match &entity.spec {
+                EntitySpec::Route(spec) => Some(spec.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    pub fn upstreams(&self) -> Vec<UpstreamSpec> {
+        self.of_kind(EntityKind::Upstream)
+            .filter_map(|entity| match &entity.spec {
+                EntitySpec::Upstream(spec) => Some(spec.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Change sets still waiting for members.
+    pub fn incomplete_change_sets(&self) -> usize {
+        self.pending_sets.len()
+    }
+
+    pub fn len(&self) -> usize {
+        self.entities.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entities.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod fold_tests {
+    use super::*;
+
+    fn upsert(name: &str, version: u64, set: Option<(Uuid, u32, u32)>) -> ConfigChange {
+        ConfigChange {
+            kind: EntityKind::Consumer,
+            name: name.to_owned(),
+            id: Uuid::nil(),
+            version,
+            op: ConfigOp::Upserted,
+            actor: "t".to_owned(),
+            spec: Some(EntitySpec::Consumer(ConsumerSpec { name: name.to_owned(), metadata: BTreeMap::new() })),
+            change_set: set.map(|(id, index, size)| ChangeSet { id, index, size }),
+        }
+    }
+
+    #[test]
+    fn change_sets_apply_all_or_nothing() {
+        let mut state = ConfigState::default();
+        let set = Uuid::now_v7();
+        assert!(state.apply(1, upsert("a", 1, Some((set, 0, 2)))).is_empty());
+        assert!(state.is_empty(), "half a change set is invisible");
+        assert_eq!(state.incomplete_change_sets(), 1);
+        assert_eq!(state.apply(2, upsert("b", 1, Some((set, 1, 2)))).len(), 2);
+        assert_eq!(state.len(), 2);
+        assert_eq!(state.applied_seq, 2);
+    }
+
+    #[test]
+    fn deletes_remove_and_upserts_replace() {
+        let mut state = ConfigState::default();
+        state.apply(1, upsert("a", 1, None));
+        state.apply(2, upsert("a", 2, None));
+        assert_eq!(state.get(EntityKind::Consumer, "a").map(|entity| entity.version), Some(2));
+        let delete = ConfigChange { op: ConfigOp::Deleted, spec: None, version: 3, ..upsert("a", 3, None) };
+        state.apply(3, delete);
+        assert!(state.get(EntityKind::Consumer, "a").is_none());
+    }
+}
