@@ -77,6 +77,58 @@ pub struct UpstreamSpec {
     pub targets: Vec<TargetSpec>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health_check: Option<HealthCheckSpec>,
+    /// What `consistent_hash` hashes (default: the client IP).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hash_on: Option<HashOn>,
+    /// Ejection of targets after consecutive failures of real traffic (on by default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub passive_health: Option<PassiveHealthSpec>,
+}
+
+/// The request attribute consistent hashing uses.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum HashOn {
+    /// A request header's value, e.g. `{"header": "x-user-id"}`.
+    Header(String),
+    /// A cookie's value, e.g. `{"cookie": "session"}`.
+    Cookie(String),
+    /// The client's IP address.
+    ClientIp,
+}
+
+/// Passive health: eject a target after consecutive failures, for a backoff that doubles.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PassiveHealthSpec {
+    /// Consecutive failures (connect errors, resets, 502/503/504) that eject a target; 0 turns ejection off.
+    #[serde(default = "default_consecutive_failures")]
+    pub consecutive_failures: u32,
+    /// First ejection; each further ejection in a row doubles it.
+    #[serde(default = "default_base_ejection_ms")]
+    pub base_ejection_ms: u64,
+    #[serde(default = "default_max_ejection_ms")]
+    pub max_ejection_ms: u64,
+}
+
+impl Default for PassiveHealthSpec {
+    fn default() -> Self {
+        Self {
+            consecutive_failures: default_consecutive_failures(),
+            base_ejection_ms: default_base_ejection_ms(),
+            max_ejection_ms: default_max_ejection_ms(),
+        }
+    }
+}
+
+fn default_consecutive_failures() -> u32 {
+    5
+}
+fn default_base_ejection_ms() -> u64 {
+    10_000
+}
+fn default_max_ejection_ms() -> u64 {
+    300_000
 }
 
 /// A route: which requests go to which upstream, and how.
@@ -108,6 +160,13 @@ pub struct RouteSpec {
     /// Higher wins among routes that match equally specifically.
     #[serde(default)]
     pub priority: i32,
+    /// Extra attempts on another target when it is safe (connect failures; idempotent methods
+    /// without a body); default 1, bounded by the worker's retry budget.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retries: Option<u32>,
+    /// Largest request body in bytes (413 beyond); default from the proxy's settings.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_body_bytes: Option<u64>,
 }
 
 /// A consumer of the API (identified by API keys or JWT subject).

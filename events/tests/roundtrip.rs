@@ -103,7 +103,7 @@ proptest! {
     #[test]
     fn config_changes_roundtrip(name in "[a-z][a-z0-9-]{0,12}", version in 1u64..1000, weight in 1u32..100, delete in any::<bool>()) {
         let spec = UpstreamSpec { name: name.clone(), algorithm: LbAlgorithm::ConsistentHash,
-            targets: vec![TargetSpec { url: "http://127.0.0.1:9".into(), weight }], health_check: None };
+            targets: vec![TargetSpec { url: "http://127.0.0.1:9".into(), weight }], health_check: None, hash_on: None, passive_health: None };
         let data = ConfigChange { kind: EntityKind::Upstream, name, id: Uuid::now_v7(), version,
             op: if delete { ConfigOp::Deleted } else { ConfigOp::Upserted }, actor: "test".into(),
             spec: (!delete).then_some(EntitySpec::Upstream(spec)), change_set: None };

@@ -146,6 +146,53 @@ pub struct ProxyConfig {
     /// Routes and upstreams used when running from a file (standalone mode).
     pub routes: Vec<RouteSpec>,
     pub upstreams: Vec<UpstreamSpec>,
+    /// Where routing comes from: the CONFIG stream, the file's `routes`/`upstreams`, or `auto`
+    /// (the file when it defines any, else the stream).
+    pub config_source: ConfigSource,
+    /// Folder of the disk spool that holds events while NATS is unreachable (one worker per folder).
+    pub spool_dir: PathBuf,
+    /// Size bound of the disk spool; beyond it events are dropped, counted and reported.
+    pub spool_max_bytes: u64,
+    /// What a shared rate limit does when Redis cannot answer in time.
+    pub rate_limit_failure: RateLimitFailureMode,
+    /// Bound on one Redis rate-limit call; past it the failure mode decides.
+    pub rate_limit_timeout_ms: u64,
+    /// Largest request body accepted (413 beyond); routes may lower it.
+    pub max_request_body_bytes: u64,
+    /// Retries allowed as a fraction of requests (plus a small floor), so retries cannot amplify an outage.
+    pub retry_budget_ratio: f64,
+}
+
+/// Source of a worker's routing configuration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ConfigSource {
+    #[default]
+    Auto,
+    Stream,
+    File,
+}
+
+/// Behaviour of shared rate limits while Redis is unavailable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RateLimitFailureMode {
+    /// Let requests through (counted as `rate_limit` decision `fail_open`).
+    #[default]
+    Open,
+    /// Answer 503 while the limit cannot be checked.
+    Closed,
+}
+
+impl ProxyConfig {
+    /// Whether routing comes from the file rather than the CONFIG stream.
+    pub fn uses_file_routes(&self) -> bool {
+        match self.config_source {
+            ConfigSource::File => true,
+            ConfigSource::Stream => false,
+            ConfigSource::Auto => !self.routes.is_empty() || !self.upstreams.is_empty(),
+        }
+    }
 }
 
 impl Default for ProxyConfig {
@@ -160,6 +207,13 @@ impl Default for ProxyConfig {
             publish_max_in_flight: 4_096,
             routes: Vec::new(),
             upstreams: Vec::new(),
+            config_source: ConfigSource::Auto,
+            spool_dir: PathBuf::from(".stone/spool"),
+            spool_max_bytes: 1024 * 1024 * 1024,
+            rate_limit_failure: RateLimitFailureMode::Open,
+            rate_limit_timeout_ms: 50,
+            max_request_body_bytes: 16 * 1024 * 1024,
+            retry_budget_ratio: 0.2,
         }
     }
 }
@@ -186,6 +240,14 @@ pub struct AnalyticsConfig {
     pub batch_max_rows: usize,
     /// …or when its oldest event has waited this long.
     pub batch_max_wait_ms: u64,
+    /// This instance's name in partition leases; `analytics-<hostname>-<pid>` when empty.
+    pub instance_id: String,
+    /// A partition lease not renewed for this long may be taken over by another instance.
+    pub lease_ttl_ms: u64,
+    /// Days raw rows (`requests`, `cache_events`, `health_events`) and minute rollups are kept.
+    pub retention_days: u32,
+    /// Days hourly rollups are kept.
+    pub rollup_retention_days: u32,
 }
 
 impl Default for AnalyticsConfig {
@@ -195,6 +257,10 @@ impl Default for AnalyticsConfig {
             consumer: "analytics".to_owned(),
             batch_max_rows: 20_000,
             batch_max_wait_ms: 200,
+            instance_id: String::new(),
+            lease_ttl_ms: 10_000,
+            retention_days: 30,
+            rollup_retention_days: 400,
         }
     }
 }
@@ -268,8 +334,22 @@ impl StoneConfig {
         if self.proxy.publish_max_in_flight == 0 {
             return Err(invalid("proxy.publish_max_in_flight", "must be positive"));
         }
-        if self.analytics.batch_max_rows == 0 {
-            return Err(invalid("analytics.batch_max_rows", "must be positive"));
+        if !(0.0..=1.0).contains(&self.proxy.retry_budget_ratio) {
+            return Err(invalid("proxy.retry_budget_ratio", "must be between 0.0 and 1.0"));
+        }
+        if self.proxy.spool_dir.as_os_str().is_empty() {
+            return Err(invalid("proxy.spool_dir", "must name a folder"));
+        }
+        if !(1..=1_000_000).contains(&self.analytics.batch_max_rows) {
+            // One batch must stay one ClickHouse block per table and day (max_insert_block_size).
+            return Err(invalid("analytics.batch_max_rows", "must be between 1 and 1000000"));
+        }
+        if self.analytics.lease_ttl_ms < 1_000 {
+            return Err(invalid("analytics.lease_ttl_ms", "must be at least 1000"));
+        }
+        if self.analytics.retention_days == 0 || self.analytics.rollup_retention_days == 0 {
+            let key = if self.analytics.retention_days == 0 { "retention_days" } else { "rollup_retention_days" };
+            return Err(invalid(&format!("analytics.{key}"), "must be positive"));
         }
         check_identifier("analytics.consumer", &self.analytics.consumer)?;
         Ok(())

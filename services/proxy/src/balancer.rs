@@ -95,6 +95,8 @@ mod tests {
                 TargetSpec { url: "http://c:1".into(), weight: 1 },
             ],
             health_check: None,
+            hash_on: None,
+            passive_health: None,
         };
         let upstream = Upstream::new(&spec)?;
         let picks: Vec<&str> = (0..7).filter_map(|_| upstream.pick().map(|t| t.url.as_str())).collect();
@@ -113,6 +115,8 @@ mod tests {
             algorithm: Default::default(),
             targets: vec![TargetSpec { url: url.into(), weight }],
             health_check: None,
+            hash_on: None,
+            passive_health: None,
         };
         assert!(Upstream::new(&spec("not a url", 1)).is_err());
         assert!(Upstream::new(&spec("https://a:1", 1)).is_err());

@@ -262,6 +262,8 @@ mod tests {
             algorithm: Default::default(),
             targets: vec![TargetSpec { url: "http://127.0.0.1:1".into(), weight: 1 }],
             health_check: None,
+            hash_on: None,
+            passive_health: None,
         }
     }
 
@@ -276,6 +278,8 @@ mod tests {
             strip_prefix: false,
             timeout_ms: None,
             priority: 0,
+            retries: None,
+            max_body_bytes: None,
         }
     }
 

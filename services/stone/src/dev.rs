@@ -30,6 +30,8 @@ fn demo_routes(upstream: SocketAddr) -> (Vec<RouteSpec>, Vec<UpstreamSpec>) {
         strip_prefix: false,
         timeout_ms: None,
         priority: 0,
+        retries: None,
+        max_body_bytes: None,
     };
     let routes =
         vec![route("users", &["/api/users/{id}"]), route("orders", &["/api/orders"]), route("api", &["/api/*"])];
@@ -38,6 +40,8 @@ fn demo_routes(upstream: SocketAddr) -> (Vec<RouteSpec>, Vec<UpstreamSpec>) {
         algorithm: Default::default(),
         targets: vec![TargetSpec { url: format!("http://{upstream}"), weight: 1 }],
         health_check: None,
+        hash_on: None,
+        passive_health: None,
     }];
     (routes, upstreams)
 }

@@ -62,6 +62,8 @@ fn isolated_config(upstream: SocketAddr) -> StoneConfig {
         algorithm: Default::default(),
         targets: vec![TargetSpec { url: format!("http://{upstream}"), weight: 1 }],
         health_check: None,
+        hash_on: None,
+        passive_health: None,
     }];
     config.proxy.routes = vec![RouteSpec {
         name: "items".into(),
@@ -73,6 +75,8 @@ fn isolated_config(upstream: SocketAddr) -> StoneConfig {
         strip_prefix: false,
         timeout_ms: None,
         priority: 0,
+        retries: None,
+        max_body_bytes: None,
     }];
     config
 }
