@@ -410,6 +410,8 @@ mod tests {
     fn load_in_jail(toml: Option<&str>, env: &[(&str, &str)]) -> Result<StoneConfig, String> {
         let mut outcome = Err(String::new());
         Jail::expect_with(|jail| {
+            // The suite runs with the local stack's STONE_* variables exported; start clean.
+            jail.clear_env();
             if let Some(text) = toml {
                 jail.create_file("stone.toml", text)?;
             }
