@@ -35,6 +35,18 @@ impl Event {
         }
     }
 
+    /// The envelope as JSON, in the current version (what live streams and tools show).
+    pub fn to_json(&self) -> Result<String, serde_json::Error> {
+        match self {
+            Self::RequestCompleted(envelope) => serde_json::to_string(envelope),
+            Self::Cache(envelope) => serde_json::to_string(envelope),
+            Self::TargetHealth(envelope) => serde_json::to_string(envelope),
+            Self::WorkerHeartbeat(envelope) => serde_json::to_string(envelope),
+            Self::EventsLost(envelope) => serde_json::to_string(envelope),
+            Self::Config(envelope) => serde_json::to_string(envelope),
+        }
+    }
+
     pub fn event_type(&self) -> &str {
         match self {
             Self::RequestCompleted(envelope) => &envelope.event_type,

@@ -28,6 +28,9 @@ pub enum ApiError {
         #[source]
         source: clickhouse::error::Error,
     },
+    /// A bounded resource (live streams) is used up; retry later.
+    #[error("{message}")]
+    Overloaded { message: String },
     /// A bug on our side, such as a query whose result does not match the row type.
     #[error("internal error")]
     Internal(#[source] anyhow::Error),
@@ -93,6 +96,7 @@ impl IntoResponse for ApiError {
                 let message = format!("{dependency} is unavailable; retry later");
                 (StatusCode::SERVICE_UNAVAILABLE, "unavailable", message, None)
             }
+            Self::Overloaded { message } => (StatusCode::SERVICE_UNAVAILABLE, "overloaded", message, None),
             Self::Internal(source) => {
                 tracing::error!(error = format!("{source:#}"), "internal error, answering 500");
                 (StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal error".to_owned(), None)

@@ -13,6 +13,7 @@ pub mod error;
 pub mod metrics;
 pub mod openapi;
 mod readiness;
+pub mod streams;
 pub mod time_range;
 
 use std::net::SocketAddr;
@@ -91,8 +92,16 @@ pub async fn build(config: &StoneConfig, shutdown: &Shutdown) -> anyhow::Result<
     let listener = stone_kit::bind(config.gateway.listen, "gateway.listen").await?;
     let local_addr = listener.local_addr()?;
     let state = AppState::from_config(config);
+    let (_nats, js) = stone_kit::nats::connect_and_provision(config, "stone-gateway").await?;
+    let stream_state = streams::StreamState {
+        js,
+        namespace: config.namespace(),
+        buffer: config.gateway.stream_buffer,
+        slots: std::sync::Arc::new(tokio::sync::Semaphore::new(config.gateway.max_streams)),
+        shutdown: shutdown.token(),
+    };
     shutdown.spawn(readiness::probe_clickhouse(config.clone(), state.readiness.clone(), shutdown.token()));
-    let serving = stone_kit::admin::serve(listener, router(state), shutdown.token());
+    let serving = stone_kit::admin::serve(listener, router(state).merge(streams::routes(stream_state)), shutdown.token());
     let process_shutdown = shutdown.clone();
     let server = shutdown.spawn(async move {
         let outcome = serving.await;

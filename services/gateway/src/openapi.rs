@@ -14,9 +14,12 @@ use crate::error::{ErrorBody, ErrorDetail};
         title = "Proxy Stone gateway",
         description = "Traffic analytics, configuration and live streams of a Proxy Stone deployment."
     ),
-    paths(crate::analytics::summary::summary),
+    paths(crate::analytics::summary::summary, crate::streams::stream_events),
     components(schemas(Summary, LatencyQuantiles, ErrorBody, ErrorDetail)),
-    tags((name = "analytics", description = "Traffic analytics from the ClickHouse projection"))
+    tags(
+        (name = "analytics", description = "Traffic analytics from the ClickHouse projection"),
+        (name = "streams", description = "Live, resumable event streams (Server-Sent Events)")
+    )
 )]
 struct ApiDoc;
 

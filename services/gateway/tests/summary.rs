@@ -42,6 +42,9 @@ impl TestApp {
             config.clickhouse_url = url;
         }
         config.clickhouse_database = format!("gw_test_{}", Uuid::now_v7().simple());
+        // Its own NATS namespace too: the gateway provisions streams at start.
+        let unique = Uuid::now_v7().simple().to_string();
+        config.namespace = format!("g{}", &unique[unique.len() - 10..]);
         config.gateway.listen = "127.0.0.1:0".parse()?;
         if migrated {
             stone_kit::clickhouse::migrate(&config).await?;
@@ -83,6 +86,12 @@ impl TestApp {
     async fn finish(self) -> TestResult {
         self.shutdown.drain(Duration::from_secs(5)).await?;
         self.gateway.stopped().await?;
+        if let Ok(client) = async_nats::connect(self.config.nats_url.as_str()).await {
+            let js = async_nats::jetstream::new(client);
+            for base in ["EVENTS", "CONFIG", "DEADLETTER"] {
+                let _ = js.delete_stream(self.config.namespace().stream_name(base)).await;
+            }
+        }
         let server = stone_kit::clickhouse::client(&StoneConfig {
             clickhouse_database: "default".to_owned(),
             ..self.config.clone()

@@ -222,11 +222,15 @@ impl Default for ProxyConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct GatewayConfig {
     pub listen: SocketAddr,
+    /// Live event streams (SSE) open at once; more are refused with 503.
+    pub max_streams: usize,
+    /// Events buffered per stream for a slow client; past it the client gets a `lagged` event.
+    pub stream_buffer: usize,
 }
 
 impl Default for GatewayConfig {
     fn default() -> Self {
-        Self { listen: SocketAddr::from(([127, 0, 0, 1], 8081)) }
+        Self { listen: SocketAddr::from(([127, 0, 0, 1], 8081)), max_streams: 256, stream_buffer: 1024 }
     }
 }
 
