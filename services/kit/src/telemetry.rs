@@ -57,8 +57,14 @@ impl Drop for TelemetryGuard {
 pub fn init(config: &TelemetryConfig, service_name: &'static str) -> anyhow::Result<TelemetryGuard> {
     let filter = EnvFilter::try_new(&config.log)?;
     let format_layer = match config.log_format {
-        LogFormat::Text => tracing_subscriber::fmt::layer().with_target(true).boxed(),
-        LogFormat::Json => tracing_subscriber::fmt::layer().json().flatten_event(true).with_current_span(true).boxed(),
+        // Logs go to stderr so that commands whose output is data (`stone tail`) keep stdout clean.
+        LogFormat::Text => tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_target(true).boxed(),
+        LogFormat::Json => tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .boxed(),
     };
 
     let mut guard = TelemetryGuard::default();

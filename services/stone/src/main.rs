@@ -10,6 +10,7 @@ use stone_kit::{Shutdown, StoneConfig};
 
 mod demo;
 mod dev;
+mod tail;
 
 #[derive(Debug, Parser)]
 #[command(name = "stone", version, about = "Proxy Stone: an event-sourced edge proxy")]
@@ -31,6 +32,8 @@ enum Command {
     Gateway,
     /// Run every service in one process with a demo upstream and demo traffic.
     Dev(dev::DevArgs),
+    /// Follow the live event stream in the terminal (through the gateway).
+    Tail(tail::TailArgs),
 }
 
 fn main() {
@@ -47,6 +50,7 @@ fn run() -> anyhow::Result<()> {
             Command::Analytics => "stone-analytics",
             Command::Gateway => "stone-gateway",
             Command::Dev(_) => "stone-dev",
+            Command::Tail(_) => "stone-tail",
         };
         let _telemetry = stone_kit::telemetry::init(&config.telemetry, service_name)?;
         let shutdown = Shutdown::new();
@@ -55,6 +59,17 @@ fn run() -> anyhow::Result<()> {
             Command::Analytics => stone_analytics::build(&config, &shutdown).await.map(|_| ()),
             Command::Gateway => stone_gateway::build(&config, &shutdown).await.map(|_| ()),
             Command::Dev(args) => dev::start(config.clone(), args, &shutdown).await,
+            Command::Tail(args) => {
+                // A client command: it runs until Ctrl-C or until it fails.
+                let on_signal = shutdown.clone();
+                tokio::spawn(async move {
+                    stone_kit::shutdown::signal().await;
+                    on_signal.trigger();
+                });
+                let outcome = tail::run(args, shutdown.clone()).await;
+                shutdown.trigger();
+                outcome
+            }
         };
         if let Err(error) = started {
             shutdown.trigger();
