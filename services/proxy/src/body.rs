@@ -16,39 +16,63 @@ use stone_events::request::{ErrorKind, RequestCompleted};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
+use crate::balancer::TargetHealth;
 use crate::emitter::EventSink;
 
 /// The response body type of the proxy.
 pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
 
+/// Errors of a request body on its way upstream.
+pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The request body grew past the route's limit while streaming.
+#[derive(Debug, thiserror::Error)]
+#[error("request body exceeds {limit} bytes")]
+pub struct BodyTooLarge {
+    pub limit: u64,
+}
+
 pin_project! {
-    /// A request body that counts the bytes it passes on.
+    /// A request body that counts the bytes it passes on, and stops with [`BodyTooLarge`] once
+    /// they exceed the limit (a chunked body has no Content-Length to check up front).
     pub struct CountingBody<B> {
         #[pin]
         inner: B,
         counter: Arc<AtomicU64>,
+        limit: u64,
     }
 }
 
 impl<B> CountingBody<B> {
-    pub fn new(inner: B, counter: Arc<AtomicU64>) -> Self {
-        Self { inner, counter }
+    pub fn new(inner: B, counter: Arc<AtomicU64>, limit: u64) -> Self {
+        Self { inner, counter, limit }
     }
 }
 
-impl<B: Body<Data = Bytes>> Body for CountingBody<B> {
+impl<B> Body for CountingBody<B>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BodyError>,
+{
     type Data = Bytes;
-    type Error = B::Error;
+    type Error = BodyError;
 
-    fn poll_frame(self: Pin<&mut Self>, context: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+    fn poll_frame(self: Pin<&mut Self>, context: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let this = self.project();
-        let polled = this.inner.poll_frame(context);
-        if let Poll::Ready(Some(Ok(frame))) = &polled
-            && let Some(data) = frame.data_ref()
-        {
-            this.counter.fetch_add(data.len() as u64, Ordering::Relaxed);
+        match this.inner.poll_frame(context) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    let total = this.counter.fetch_add(data.len() as u64, Ordering::Relaxed) + data.len() as u64;
+                    if total > *this.limit {
+                        return Poll::Ready(Some(Err(Box::new(BodyTooLarge { limit: *this.limit }))));
+                    }
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(error))) => Poll::Ready(Some(Err(error.into()))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
         }
-        polled
     }
 
     fn is_end_stream(&self) -> bool {
@@ -71,12 +95,17 @@ pub struct Completion {
     pub upstream_started: Option<Instant>,
     pub ttfb_us: Option<u64>,
     pub bytes_in: Arc<AtomicU64>,
+    /// The target's in-flight count, released when the response ends (least-request reads it).
+    pub target_health: Option<Arc<TargetHealth>>,
     pub data: RequestCompleted,
 }
 
 impl Completion {
     /// Emits the event. `error` overrides the recorded one when the body broke mid-stream.
     pub fn finish(mut self, bytes_out: u64, error: Option<ErrorKind>) {
+        if let Some(health) = self.target_health.take() {
+            health.in_flight.fetch_sub(1, Ordering::Relaxed);
+        }
         let total_us = micros(self.started.elapsed());
         self.data.total_us = total_us;
         self.data.upstream_us = self.upstream_started.map(|at| micros(at.elapsed()));

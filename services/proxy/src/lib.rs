@@ -7,9 +7,13 @@
 
 pub mod balancer;
 pub mod body;
+pub mod config_follow;
 pub mod emitter;
+pub mod health;
+pub mod registry;
 pub mod routing;
 pub mod service;
+pub mod spool;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -23,6 +27,7 @@ use stone_events::health::WorkerHeartbeat;
 use stone_kit::admin::{self, Readiness};
 use stone_kit::{Shutdown, StoneConfig};
 
+use crate::balancer::HealthRegistry;
 use crate::emitter::EmitterSettings;
 use crate::routing::RouteTable;
 use crate::service::{ProxyService, ServiceSettings};
@@ -50,13 +55,25 @@ pub fn worker_id(config: &StoneConfig) -> String {
 
 /// Validates the routing configuration, connects to NATS, binds both listeners and spawns the
 /// proxy. Everything that can fail does so before the first request is accepted.
+///
+/// With routes in the configuration file (standalone mode) the table is in force at once; otherwise
+/// the worker replays the CONFIG stream and reports ready on `/readyz` only when it has caught up.
 pub async fn build(config: &StoneConfig, shutdown: &Shutdown) -> anyhow::Result<RunningProxy> {
-    let table = RouteTable::build(&config.proxy.routes, &config.proxy.upstreams)
-        .map_err(|message| anyhow::anyhow!("invalid configuration: proxy: {message}"))?;
-    if table.is_empty() {
-        tracing::warn!("no routes configured: every request will get 404");
-    }
-    let (_client, js) = stone_kit::nats::connect_and_provision(config, "stone-proxy").await?;
+    let health_registry = Arc::new(HealthRegistry::default());
+    let from_file = config.proxy.uses_file_routes();
+    let table = if from_file {
+        let table = RouteTable::build(&config.proxy.routes, &config.proxy.upstreams, &health_registry)
+            .map_err(|message| anyhow::anyhow!("invalid configuration: proxy: {message}"))?;
+        if table.is_empty() {
+            tracing::warn!("no routes configured: every request will get 404");
+        }
+        table
+    } else {
+        RouteTable::default()
+    };
+    let (client, js) = stone_kit::nats::connect_and_provision(config, "stone-proxy").await?;
+    let namespace = config.namespace();
+    let registry_store = registry::open_bucket(&js, &namespace.bucket_name(registry::BUCKET)).await?;
     let listener = stone_kit::bind(config.proxy.listen, "proxy.listen").await?;
     let admin_listener = stone_kit::bind(config.proxy.admin_listen, "proxy.admin_listen").await?;
     let listen_addr = listener.local_addr()?;
@@ -64,17 +81,20 @@ pub async fn build(config: &StoneConfig, shutdown: &Shutdown) -> anyhow::Result<
     let worker = worker_id(config);
 
     let (sink, publisher) = emitter::channel(
-        js,
+        client,
+        js.clone(),
         EmitterSettings {
-            namespace: config.namespace(),
+            namespace: namespace.clone(),
             partitions: config.partitions,
             capacity: config.proxy.event_queue_capacity,
             max_in_flight: config.proxy.publish_max_in_flight,
             worker_id: worker.clone(),
             drain_grace: config.shutdown_grace(),
+            spool_dir: config.proxy.spool_dir.clone(),
+            spool_max_bytes: config.proxy.spool_max_bytes,
         },
         shutdown.token(),
-    );
+    )?;
     shutdown.spawn(publisher);
 
     let service = ProxyService::new(
@@ -85,21 +105,45 @@ pub async fn build(config: &StoneConfig, shutdown: &Shutdown) -> anyhow::Result<
             worker_id: Arc::from(worker.as_str()),
             connect_timeout: Duration::from_millis(config.proxy.connect_timeout_ms),
             default_timeout: Duration::from_millis(config.proxy.upstream_timeout_ms),
+            max_body_bytes: config.proxy.max_request_body_bytes,
+            retry_budget_ratio: config.proxy.retry_budget_ratio,
         },
     );
 
-    let readiness = Readiness::new(&["config"]);
-    // Standalone mode: the table came from the configuration file and is in force now.
-    readiness.set("config", true);
+    let readiness = Readiness::new(&[config_follow::CONFIG_CONDITION]);
+    if from_file {
+        readiness.set(config_follow::CONFIG_CONDITION, true);
+        let checks = shutdown.token();
+        health::spawn_active_checks(&service.table(), service.health_reporter(), &checks);
+    } else {
+        let follower = config_follow::ConfigFollower {
+            js: js.clone(),
+            namespace: namespace.clone(),
+            service: service.clone(),
+            health: Arc::clone(&health_registry),
+            readiness: readiness.clone(),
+            shutdown: shutdown.token(),
+        };
+        shutdown.spawn(follower.run());
+    }
     let token = shutdown.token();
+    let admin_readiness = readiness.clone();
     shutdown.spawn(async move {
-        if let Err(error) = admin::serve(admin_listener, admin::router(readiness), token).await {
+        if let Err(error) = admin::serve(admin_listener, admin::router(admin_readiness), token).await {
             tracing::error!(%error, "proxy admin server failed");
         }
     });
+    shutdown.spawn(registry::run(
+        registry_store,
+        service.clone(),
+        readiness,
+        worker.clone(),
+        listen_addr,
+        shutdown.token(),
+    ));
     shutdown.spawn(heartbeat(service.clone(), worker.clone(), shutdown.clone()));
     shutdown.spawn(accept_loop(listener, service, shutdown.clone(), config.shutdown_grace()));
-    tracing::info!(listen = %listen_addr, admin = %admin_addr, worker = %worker, "proxy started");
+    tracing::info!(listen = %listen_addr, admin = %admin_addr, worker = %worker, from_file, "proxy started");
     Ok(RunningProxy { listen_addr, admin_addr, worker_id: worker })
 }
 
@@ -159,6 +203,6 @@ async fn heartbeat(service: ProxyService, worker: String, shutdown: Shutdown) {
             in_flight: service.in_flight(),
             events_pending: service.events_pending() as u64,
         };
-        service.sink().emit(&Envelope::new(worker.clone(), 0, beat));
+        service.sink().emit(&Envelope::new(worker.clone(), service.config_seq(), beat));
     }
 }

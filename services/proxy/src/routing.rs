@@ -11,7 +11,7 @@ use std::sync::Arc;
 use http::{HeaderMap, Method};
 use stone_events::config::{RouteSpec, UpstreamSpec};
 
-use crate::balancer::Upstream;
+use crate::balancer::{HealthRegistry, Upstream};
 
 /// A path pattern of a route.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -116,6 +116,10 @@ pub struct Route {
     pub strip_prefix: bool,
     pub timeout: Option<std::time::Duration>,
     priority: i32,
+    /// Extra attempts allowed where a retry is safe.
+    pub retries: u32,
+    /// Body size bound of this route, if it lowers the worker's.
+    pub max_body_bytes: Option<u64>,
 }
 
 /// One (route, path pattern) pair; a route with several paths has several entries.
@@ -141,10 +145,11 @@ pub struct RouteTable {
 
 impl RouteTable {
     /// Compiles specs into a table; errors name the entity and field.
-    pub fn build(routes: &[RouteSpec], upstreams: &[UpstreamSpec]) -> Result<Self, String> {
+    pub fn build(routes: &[RouteSpec], upstreams: &[UpstreamSpec], health: &HealthRegistry) -> Result<Self, String> {
         let mut compiled_upstreams = HashMap::new();
         for spec in upstreams {
-            let upstream = Upstream::new(spec).map_err(|message| format!("upstream {:?}: {message}", spec.name))?;
+            let upstream =
+                Upstream::new(spec, health).map_err(|message| format!("upstream {:?}: {message}", spec.name))?;
             if compiled_upstreams.insert(spec.name.clone(), Arc::new(upstream)).is_some() {
                 return Err(format!("upstream {:?}: defined twice", spec.name));
             }
@@ -197,6 +202,14 @@ impl RouteTable {
         self.upstreams.values()
     }
 
+    /// Every (upstream, target URL) of the table, to prune health state of removed targets.
+    pub fn target_keys(&self) -> Vec<(String, String)> {
+        self.upstreams
+            .values()
+            .flat_map(|upstream| upstream.targets.iter().map(|target| (upstream.name.clone(), target.url.clone())))
+            .collect()
+    }
+
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }
@@ -239,6 +252,8 @@ fn compile_route(spec: &RouteSpec, upstreams: &HashMap<String, Arc<Upstream>>) -
         strip_prefix: spec.strip_prefix,
         timeout: spec.timeout_ms.map(std::time::Duration::from_millis),
         priority: spec.priority,
+        retries: spec.retries.unwrap_or(1),
+        max_body_bytes: spec.max_body_bytes,
     })
 }
 
@@ -300,6 +315,7 @@ mod tests {
                 route("host", &["example.com"], &["/*"]),
             ],
             &[upstream("u")],
+            &HealthRegistry::default(),
         )?;
         assert_eq!(find(&table, "other", "/api/health"), Some(("health", "/api/health".into())));
         assert_eq!(find(&table, "other", "/api/users/7"), Some(("user", "/api/users/{id}".into())));
@@ -312,11 +328,12 @@ mod tests {
 
     #[test]
     fn bad_specs_are_rejected_with_the_field() {
-        let missing = RouteTable::build(&[route("r", &[], &[])], &[]).err();
+        let missing = RouteTable::build(&[route("r", &[], &[])], &[], &HealthRegistry::default()).err();
         assert!(missing.as_deref().is_some_and(|m| m.contains("upstream")), "{missing:?}");
-        let bad_path = RouteTable::build(&[route("r", &[], &["/a*b"])], &[upstream("u")]).err();
+        let bad_path =
+            RouteTable::build(&[route("r", &[], &["/a*b"])], &[upstream("u")], &HealthRegistry::default()).err();
         assert!(bad_path.as_deref().is_some_and(|m| m.contains("paths")), "{bad_path:?}");
-        let bad_name = RouteTable::build(&[route("a.b", &[], &[])], &[upstream("u")]).err();
+        let bad_name = RouteTable::build(&[route("a.b", &[], &[])], &[upstream("u")], &HealthRegistry::default()).err();
         assert!(bad_name.as_deref().is_some_and(|m| m.contains("name")), "{bad_name:?}");
     }
 

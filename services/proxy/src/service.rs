@@ -7,21 +7,27 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::{Request, Response, StatusCode, Uri, Version};
-use http_body_util::{BodyExt, Full};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body::Body as _;
+use http_body_util::{BodyExt, Either, Empty, Full};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use std::error::Error as _;
+
+use stone_events::config::HashOn;
 use stone_events::request::{CacheStatus, ErrorKind, RequestCompleted};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use crate::body::{Completion, CountingBody, MeteredBody, ProxyBody, micros};
+use crate::body::{BodyTooLarge, Completion, CountingBody, MeteredBody, ProxyBody, micros};
 use crate::emitter::EventSink;
+use crate::health::HealthReporter;
 use crate::routing::RouteTable;
 
-type UpstreamClient = Client<HttpConnector, CountingBody<Incoming>>;
+type UpstreamBody = Either<CountingBody<Incoming>, Empty<Bytes>>;
+type UpstreamClient = Client<HttpConnector, UpstreamBody>;
 
 static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -47,15 +53,54 @@ pub struct ServiceSettings {
     pub worker_id: Arc<str>,
     pub connect_timeout: Duration,
     pub default_timeout: Duration,
+    /// Request body bound when the route sets none.
+    pub max_body_bytes: u64,
+    /// Retries allowed per request, as a fraction.
+    pub retry_budget_ratio: f64,
+}
+
+/// Retries as a budget shared by all requests: each request deposits `ratio` of a retry, each
+/// retry withdraws one, so retries stay a bounded fraction of traffic when a whole upstream is
+/// failing. Counted in thousandths to stay on one atomic.
+struct RetryBudget {
+    milli_tokens: AtomicU64,
+    deposit: u64,
+}
+
+/// Retries available with no traffic yet, and the most that can be saved up.
+const RETRY_BUDGET_FLOOR: u64 = 10_000;
+const RETRY_BUDGET_CAP: u64 = 1_000_000;
+
+impl RetryBudget {
+    fn new(ratio: f64) -> Self {
+        Self { milli_tokens: AtomicU64::new(RETRY_BUDGET_FLOOR), deposit: (ratio * 1000.0) as u64 }
+    }
+
+    fn deposit(&self) {
+        if self.deposit > 0 {
+            self.milli_tokens.fetch_add(self.deposit, Ordering::Relaxed);
+        }
+    }
+
+    fn try_withdraw(&self) -> bool {
+        self.milli_tokens
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |tokens| {
+                let tokens = tokens.min(RETRY_BUDGET_CAP);
+                tokens.checked_sub(1000)
+            })
+            .is_ok()
+    }
 }
 
 struct Shared {
     table: RwLock<Arc<RouteTable>>,
-    config_seq: AtomicU64,
+    config_seq: Arc<AtomicU64>,
     client: UpstreamClient,
     sink: EventSink,
     settings: ServiceSettings,
     in_flight: AtomicU64,
+    health: HealthReporter,
+    retry_budget: RetryBudget,
 }
 
 /// The proxy's request handler; clones share state.
@@ -74,14 +119,22 @@ impl ProxyService {
             .pool_idle_timeout(Duration::from_secs(90))
             .pool_max_idle_per_host(256)
             .build(connector);
+        let config_seq = Arc::new(AtomicU64::new(config_seq));
+        let health = HealthReporter {
+            sink: sink.clone(),
+            worker: Arc::clone(&settings.worker_id),
+            config_seq: Arc::clone(&config_seq),
+        };
         Self {
             shared: Arc::new(Shared {
                 table: RwLock::new(Arc::new(table)),
-                config_seq: AtomicU64::new(config_seq),
+                config_seq,
                 client,
                 sink,
+                retry_budget: RetryBudget::new(settings.retry_budget_ratio),
                 settings,
                 in_flight: AtomicU64::new(0),
+                health,
             }),
         }
     }
@@ -92,6 +145,20 @@ impl ProxyService {
             *current = Arc::new(table);
             self.shared.config_seq.store(config_seq, Ordering::Release);
         }
+    }
+
+    /// The table in force.
+    pub fn table(&self) -> Arc<RouteTable> {
+        self.shared.table.read().map(|table| Arc::clone(&table)).unwrap_or_default()
+    }
+
+    /// The CONFIG stream sequence of the table in force (0 in standalone mode).
+    pub fn config_seq(&self) -> u64 {
+        self.shared.config_seq.load(Ordering::Acquire)
+    }
+
+    pub fn health_reporter(&self) -> &HealthReporter {
+        &self.shared.health
     }
 
     pub fn in_flight(&self) -> u64 {
@@ -106,18 +173,15 @@ impl ProxyService {
         &self.shared.sink
     }
 
-    fn table(&self) -> Arc<RouteTable> {
-        self.shared.table.read().map(|table| Arc::clone(&table)).unwrap_or_default()
-    }
-
     /// Handles one request end to end. Never fails: every outcome is a response and an event.
-    pub async fn handle(&self, request: Request<Incoming>, client: SocketAddr) -> Response<ProxyBody> {
+    pub async fn handle(&self, mut request: Request<Incoming>, client: SocketAddr) -> Response<ProxyBody> {
         let started = Instant::now();
         let started_at = OffsetDateTime::now_utc();
         let event_id = Uuid::now_v7();
         let shared = &self.shared;
         shared.in_flight.fetch_add(1, Ordering::Relaxed);
         let _in_flight = InFlightGuard(&shared.in_flight);
+        shared.retry_budget.deposit();
 
         let host = request
             .headers()
@@ -138,6 +202,7 @@ impl ProxyService {
             upstream_started: None,
             ttfb_us: None,
             bytes_in: Arc::clone(&bytes_in),
+            target_health: None,
             data: RequestCompleted {
                 method: request.method().as_str().to_owned(),
                 host: host.clone(),
@@ -161,6 +226,19 @@ impl ProxyService {
             },
         };
 
+        // Request smuggling: a message with both framings is read differently by different
+        // parsers, so a proxy must not pass it on (RFC 9112 §6.1).
+        if request.headers().contains_key(header::TRANSFER_ENCODING)
+            && request.headers().contains_key(header::CONTENT_LENGTH)
+        {
+            return local_response(
+                completion,
+                StatusCode::BAD_REQUEST,
+                ErrorKind::BadRequest,
+                "both Content-Length and Transfer-Encoding are set",
+            );
+        }
+
         let table = self.table();
         let Some(found) = table.find(&host, &path, request.method(), request.headers()) else {
             return local_response(
@@ -174,67 +252,152 @@ impl ProxyService {
         completion.data.route = route.name.clone();
         completion.data.path_template = found.pattern.template();
         completion.data.upstream = Some(route.upstream.name.clone());
-        let Some(target) = route.upstream.pick() else {
+
+        let body_limit =
+            route.max_body_bytes.unwrap_or(shared.settings.max_body_bytes).min(shared.settings.max_body_bytes);
+        let declared_length = request
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|value| value.to_str().ok())
+            .and_then(|value| value.parse::<u64>().ok());
+        if declared_length.is_some_and(|length| length > body_limit) {
             return local_response(
                 completion,
-                StatusCode::BAD_GATEWAY,
-                ErrorKind::NoHealthyTarget,
-                "no upstream target available",
+                StatusCode::PAYLOAD_TOO_LARGE,
+                ErrorKind::BadRequest,
+                "request body is larger than this route accepts",
             );
-        };
-        completion.data.target = Some(target.url.clone());
+        }
 
         let upstream_path = if route.strip_prefix { found.pattern.strip(&path) } else { path.clone() };
-        let path_and_query = match request.uri().query() {
-            Some(query) => format!("{}{upstream_path}?{query}", target.base_path),
-            None => format!("{}{upstream_path}", target.base_path),
-        };
-        let uri = Uri::builder()
-            .scheme(target.scheme.clone())
-            .authority(target.authority.clone())
-            .path_and_query(path_and_query)
-            .build();
-        let Ok(uri) = uri else {
-            return local_response(
-                completion,
-                StatusCode::BAD_REQUEST,
-                ErrorKind::BadRequest,
-                "request path cannot be forwarded",
-            );
-        };
+        let upstream = Arc::clone(&route.upstream);
+        let hash_key = hash_key(&upstream.hash_on, request.headers(), client);
+        let wants_upgrade = request.headers().contains_key(header::UPGRADE);
+        let client_upgrade = if wants_upgrade { Some(hyper::upgrade::on(&mut request)) } else { None };
+        let upgrade_protocol = request.headers().get(header::UPGRADE).cloned();
 
         let (mut parts, body) = request.into_parts();
-        parts.uri = uri;
         // The upstream side speaks HTTP/1.1 whatever the client spoke.
         parts.version = Version::HTTP_11;
         prepare_request_headers(&mut parts.headers, client, &host, event_id);
-        if let Ok(authority) = HeaderValue::from_str(target.authority.as_str()) {
-            parts.headers.insert(header::HOST, authority);
+        if let Some(protocol) = upgrade_protocol {
+            // Upgrades (WebSocket) are the one hop-by-hop exchange a proxy must carry through.
+            parts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            parts.headers.insert(header::UPGRADE, protocol);
         }
-        let upstream_request = Request::from_parts(parts, CountingBody::new(body, bytes_in));
-
+        // A body that is already complete (GET, HEAD, most DELETEs) can be sent again, which is
+        // what makes a retry possible at all.
+        let replayable = body.is_end_stream();
+        let mut body = if replayable { None } else { Some(CountingBody::new(body, Arc::clone(&bytes_in), body_limit)) };
+        let idempotent = matches!(
+            parts.method,
+            Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
+        );
         let timeout = route.timeout.unwrap_or(shared.settings.default_timeout);
-        completion.upstream_started = Some(Instant::now());
-        let outcome = tokio::time::timeout(timeout, shared.client.request(upstream_request)).await;
-        let upstream_response = match outcome {
-            Ok(Ok(response)) => response,
-            Ok(Err(error)) => {
-                let kind = if error.is_connect() { ErrorKind::UpstreamConnect } else { ErrorKind::UpstreamReset };
-                tracing::debug!(%error, target = %target.url, "upstream request failed");
-                return local_response(completion, StatusCode::BAD_GATEWAY, kind, "upstream unavailable");
-            }
-            Err(_) => {
+
+        let mut tried: Vec<usize> = Vec::new();
+        let (index, target, upstream_response) = loop {
+            let Some((index, target)) = upstream.pick(hash_key.as_deref(), &tried) else {
+                let (status, kind, message) = if tried.is_empty() {
+                    (StatusCode::BAD_GATEWAY, ErrorKind::NoHealthyTarget, "no upstream target available")
+                } else {
+                    (
+                        StatusCode::BAD_GATEWAY,
+                        completion.data.error.unwrap_or(ErrorKind::UpstreamConnect),
+                        "upstream unavailable",
+                    )
+                };
+                return local_response(completion, status, kind, message);
+            };
+            tried.push(index);
+            completion.data.target = Some(target.url.clone());
+            let path_and_query = match parts.uri.query() {
+                Some(query) => format!("{}{upstream_path}?{query}", target.base_path),
+                None => format!("{}{upstream_path}", target.base_path),
+            };
+            let Ok(uri) = Uri::builder()
+                .scheme(target.scheme.clone())
+                .authority(target.authority.clone())
+                .path_and_query(path_and_query)
+                .build()
+            else {
                 return local_response(
                     completion,
-                    StatusCode::GATEWAY_TIMEOUT,
-                    ErrorKind::UpstreamTimeout,
-                    "upstream timed out",
+                    StatusCode::BAD_REQUEST,
+                    ErrorKind::BadRequest,
+                    "request path cannot be forwarded",
                 );
+            };
+            let mut attempt_parts = parts.clone();
+            attempt_parts.uri = uri;
+            if let Ok(authority) = HeaderValue::from_str(target.authority.as_str()) {
+                attempt_parts.headers.insert(header::HOST, authority);
             }
+            let attempt_body = match body.take() {
+                Some(streaming) => Either::Left(streaming),
+                None => Either::Right(Empty::new()),
+            };
+            target.health.in_flight.fetch_add(1, Ordering::Relaxed);
+            completion.upstream_started = Some(Instant::now());
+            let outcome =
+                tokio::time::timeout(timeout, shared.client.request(Request::from_parts(attempt_parts, attempt_body)))
+                    .await;
+            let failure = match outcome {
+                Ok(Ok(response)) => break (index, target, response),
+                Ok(Err(error)) => {
+                    if error.source().is_some_and(|source| source.is::<BodyTooLarge>())
+                        || bytes_in.load(Ordering::Relaxed) > body_limit
+                    {
+                        target.health.in_flight.fetch_sub(1, Ordering::Relaxed);
+                        return local_response(
+                            completion,
+                            StatusCode::PAYLOAD_TOO_LARGE,
+                            ErrorKind::BadRequest,
+                            "request body is larger than this route accepts",
+                        );
+                    }
+                    let connect = error.is_connect();
+                    tracing::debug!(%error, target = %target.url, "upstream request failed");
+                    (if connect { ErrorKind::UpstreamConnect } else { ErrorKind::UpstreamReset }, connect)
+                }
+                Err(_) => (ErrorKind::UpstreamTimeout, false),
+            };
+            target.health.in_flight.fetch_sub(1, Ordering::Relaxed);
+            let (kind, connect_failed) = failure;
+            shared.health.record_failure(&upstream, target, kind.as_str());
+            completion.data.error = Some(kind);
+            if kind == ErrorKind::UpstreamTimeout {
+                return local_response(completion, StatusCode::GATEWAY_TIMEOUT, kind, "upstream timed out");
+            }
+            // A connect failure never reached the upstream; a reset may have, so only methods
+            // that are safe to repeat are retried after one. A streamed body is gone either way.
+            let safe = replayable && (connect_failed || idempotent);
+            let attempts_left = tried.len() <= route.retries as usize;
+            if !(safe && attempts_left && shared.retry_budget.try_withdraw()) {
+                return local_response(completion, StatusCode::BAD_GATEWAY, kind, "upstream unavailable");
+            }
+            metrics::counter!("stone_proxy_retries_total").increment(1);
         };
+        completion.data.error = None;
+        completion.target_health = Some(Arc::clone(&target.health));
+
+        let status = upstream_response.status();
+        if matches!(status, StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE | StatusCode::GATEWAY_TIMEOUT) {
+            shared.health.record_failure(&upstream, target, &format!("status {}", status.as_u16()));
+        } else {
+            shared.health.record_success(&upstream, target);
+        }
+        let _ = index;
 
         let (mut parts, body) = upstream_response.into_parts();
-        strip_hop_by_hop(&mut parts.headers);
+        if status == StatusCode::SWITCHING_PROTOCOLS
+            && let Some(client_upgrade) = client_upgrade
+        {
+            let upstream_upgrade = hyper::upgrade::on(Response::from_parts(parts.clone(), Empty::<Bytes>::new()));
+            tokio::spawn(tunnel(client_upgrade, upstream_upgrade));
+        } else {
+            strip_hop_by_hop(&mut parts.headers);
+        }
         parts.headers.append(header::VIA, VIA_VALUE.clone());
         if let Ok(value) = HeaderValue::from_str(&event_id.to_string()) {
             parts.headers.entry(&X_REQUEST_ID).or_insert(value);
@@ -242,6 +405,35 @@ impl ProxyService {
         completion.data.status = parts.status.as_u16();
         completion.ttfb_us = Some(micros(started.elapsed()));
         Response::from_parts(parts, MeteredBody::new(body.boxed(), completion).boxed())
+    }
+}
+
+/// Copies bytes both ways between an upgraded client connection and the upstream's (WebSocket).
+async fn tunnel(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
+    let (Ok(client), Ok(upstream)) = (client.await, upstream.await) else {
+        tracing::debug!("upgrade did not complete on both sides");
+        return;
+    };
+    let mut client = TokioIo::new(client);
+    let mut upstream = TokioIo::new(upstream);
+    if let Err(error) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+        tracing::debug!(%error, "upgraded connection ended with an error");
+    }
+}
+
+/// The bytes consistent hashing uses for this request, if the attribute is present.
+fn hash_key(hash_on: &HashOn, headers: &HeaderMap, client: SocketAddr) -> Option<Vec<u8>> {
+    match hash_on {
+        HashOn::Header(name) => headers.get(name.as_str()).map(|value| value.as_bytes().to_vec()),
+        HashOn::Cookie(name) => headers
+            .get_all(header::COOKIE)
+            .iter()
+            .filter_map(|value| value.to_str().ok())
+            .flat_map(|value| value.split(';'))
+            .filter_map(|pair| pair.trim().split_once('='))
+            .find(|(key, _)| key == name)
+            .map(|(_, value)| value.as_bytes().to_vec()),
+        HashOn::ClientIp => Some(client.ip().to_string().into_bytes()),
     }
 }
 

@@ -1,0 +1,118 @@
+//! The worker registry: each worker keeps a record in the NATS KV bucket `WORKERS` (per-entry
+//! age limit, so a worker that dies silently disappears), which the gateway lists at
+//! `GET /v1/workers`.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, kv};
+use serde::Serialize;
+use stone_kit::admin::Readiness;
+use time::OffsetDateTime;
+use tokio_util::sync::CancellationToken;
+
+use crate::service::ProxyService;
+
+/// Base name of the bucket (prefixed per namespace).
+pub const BUCKET: &str = "WORKERS";
+/// How long a record outlives its worker's last beat.
+pub const RECORD_TTL: Duration = Duration::from_secs(30);
+/// How often a worker refreshes its record; a third of the TTL tolerates two lost beats.
+pub const BEAT_INTERVAL: Duration = Duration::from_secs(10);
+const STARTING_BEAT_INTERVAL: Duration = Duration::from_millis(500);
+
+/// One worker's record, as JSON in the bucket under the worker id.
+#[derive(Debug, Clone, Serialize)]
+pub struct WorkerRecord {
+    pub worker: String,
+    /// `starting` (config not loaded yet), `ready`, or `draining`.
+    pub status: &'static str,
+    pub version: &'static str,
+    pub config_seq: u64,
+    /// RFC 3339.
+    pub last_seen: String,
+    pub started_at: String,
+    pub listen: String,
+    pub in_flight: u64,
+    pub events_pending: u64,
+}
+
+/// Opens the bucket, creating it on first use.
+///
+/// The bucket's stream is created directly with the KV conventions (`KV_<bucket>`, subjects
+/// `$KV.<bucket>.>`, one message per key) because async-nats' `create_key_value` sends fields
+/// that nats-server 2.9 answers in a shape the client cannot parse.
+pub async fn open_bucket(js: &jetstream::Context, name: &str) -> anyhow::Result<kv::Store> {
+    if let Ok(store) = js.get_key_value(name).await {
+        return Ok(store);
+    }
+    js.get_or_create_stream(jetstream::stream::Config {
+        name: format!("KV_{name}"),
+        description: Some("Proxy Stone workers, one record per live worker".to_owned()),
+        subjects: vec![format!("$KV.{name}.>")],
+        max_messages_per_subject: 1,
+        max_age: RECORD_TTL,
+        storage: jetstream::stream::StorageType::Memory,
+        discard: jetstream::stream::DiscardPolicy::New,
+        allow_rollup: true,
+        deny_delete: true,
+        allow_direct: true,
+        ..Default::default()
+    })
+    .await
+    .map_err(|error| anyhow::anyhow!("cannot create KV bucket {name}: {error}"))?;
+    js.get_key_value(name).await.map_err(|error| anyhow::anyhow!("cannot open KV bucket {name}: {error}"))
+}
+
+/// Keys allow fewer characters than worker ids.
+fn key_of(worker: &str) -> String {
+    worker.chars().map(|c| if c.is_ascii_alphanumeric() || matches!(c, '-' | '_') { c } else { '_' }).collect()
+}
+
+/// Refreshes the record until shutdown, then marks it draining and removes it.
+pub async fn run(
+    store: kv::Store,
+    service: ProxyService,
+    readiness: Readiness,
+    worker: String,
+    listen: SocketAddr,
+    shutdown: CancellationToken,
+) {
+    let started_at = stone_events::timestamp::format(OffsetDateTime::now_utc());
+    let key = key_of(&worker);
+    let record = |status: &'static str| WorkerRecord {
+        worker: worker.clone(),
+        status,
+        version: stone_kit::BUILD_VERSION,
+        config_seq: service.config_seq(),
+        last_seen: stone_events::timestamp::format(OffsetDateTime::now_utc()),
+        started_at: started_at.clone(),
+        listen: listen.to_string(),
+        in_flight: service.in_flight(),
+        events_pending: service.events_pending() as u64,
+    };
+    loop {
+        let ready = readiness.snapshot().0;
+        put(&store, &key, &record(if ready { "ready" } else { "starting" })).await;
+        // A starting worker beats often so the registry shows it ready soon after it is.
+        let pause = if ready { BEAT_INTERVAL } else { STARTING_BEAT_INTERVAL };
+        tokio::select! {
+            () = tokio::time::sleep(pause) => {}
+            () = shutdown.cancelled() => break,
+        }
+    }
+    put(&store, &key, &record("draining")).await;
+    if let Err(error) = store.delete(&key).await {
+        tracing::debug!(%error, "worker record not removed; it expires by itself");
+    }
+}
+
+async fn put(store: &kv::Store, key: &str, record: &WorkerRecord) {
+    let Ok(value) = serde_json::to_vec(record) else { return };
+    // Bounded: the registry is advisory and must not hold up shutdown while NATS is away.
+    match tokio::time::timeout(Duration::from_secs(2), store.put(key, value.into())).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(error)) => tracing::debug!(%error, "worker record not refreshed"),
+        Err(_) => tracing::debug!("worker record refresh timed out"),
+    }
+}
