@@ -73,7 +73,8 @@ pub async fn build(config: &StoneConfig, shutdown: &Shutdown) -> anyhow::Result<
     };
     let (client, js) = stone_kit::nats::connect_and_provision(config, "stone-proxy").await?;
     let namespace = config.namespace();
-    let registry_store = registry::open_bucket(&js, &namespace.bucket_name(registry::BUCKET)).await?;
+    let registry_bucket = namespace.bucket_name(registry::BUCKET);
+    let registry_store = registry::open_bucket(&js, &registry_bucket).await?;
     let listener = stone_kit::bind(config.proxy.listen, "proxy.listen").await?;
     let admin_listener = stone_kit::bind(config.proxy.admin_listen, "proxy.admin_listen").await?;
     let listen_addr = listener.local_addr()?;
@@ -133,14 +134,16 @@ pub async fn build(config: &StoneConfig, shutdown: &Shutdown) -> anyhow::Result<
             tracing::error!(%error, "proxy admin server failed");
         }
     });
-    shutdown.spawn(registry::run(
-        registry_store,
-        service.clone(),
+    let registration = registry::Registration {
+        js: js.clone(),
+        bucket: registry_bucket,
+        store: registry_store,
+        service: service.clone(),
         readiness,
-        worker.clone(),
-        listen_addr,
-        shutdown.token(),
-    ));
+        worker: worker.clone(),
+        listen: listen_addr,
+    };
+    shutdown.spawn(registry::run(registration, shutdown.token()));
     shutdown.spawn(heartbeat(service.clone(), worker.clone(), shutdown.clone()));
     shutdown.spawn(accept_loop(listener, service, shutdown.clone(), config.shutdown_grace()));
     tracing::info!(listen = %listen_addr, admin = %admin_addr, worker = %worker, from_file, "proxy started");

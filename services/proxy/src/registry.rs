@@ -69,15 +69,20 @@ fn key_of(worker: &str) -> String {
     worker.chars().map(|c| if c.is_ascii_alphanumeric() || matches!(c, '-' | '_') { c } else { '_' }).collect()
 }
 
+/// What a worker's registration needs.
+pub struct Registration {
+    pub js: jetstream::Context,
+    pub bucket: String,
+    pub store: kv::Store,
+    pub service: ProxyService,
+    pub readiness: Readiness,
+    pub worker: String,
+    pub listen: SocketAddr,
+}
+
 /// Refreshes the record until shutdown, then marks it draining and removes it.
-pub async fn run(
-    store: kv::Store,
-    service: ProxyService,
-    readiness: Readiness,
-    worker: String,
-    listen: SocketAddr,
-    shutdown: CancellationToken,
-) {
+pub async fn run(registration: Registration, shutdown: CancellationToken) {
+    let Registration { js, bucket, store, service, readiness, worker, listen } = registration;
     let started_at = stone_events::timestamp::format(OffsetDateTime::now_utc());
     let key = key_of(&worker);
     let record = |status: &'static str| WorkerRecord {
@@ -91,9 +96,15 @@ pub async fn run(
         in_flight: service.in_flight(),
         events_pending: service.events_pending() as u64,
     };
+    let mut store = store;
     loop {
         let ready = readiness.snapshot().0;
-        put(&store, &key, &record(if ready { "ready" } else { "starting" })).await;
+        if !put(&store, &key, &record(if ready { "ready" } else { "starting" })).await {
+            // A NATS restart loses an in-memory bucket; open (re-create) it for the next beat.
+            if let Ok(reopened) = open_bucket(&js, &bucket).await {
+                store = reopened;
+            }
+        }
         // A starting worker beats often so the registry shows it ready soon after it is.
         let pause = if ready { BEAT_INTERVAL } else { STARTING_BEAT_INTERVAL };
         tokio::select! {
@@ -107,12 +118,19 @@ pub async fn run(
     }
 }
 
-async fn put(store: &kv::Store, key: &str, record: &WorkerRecord) {
-    let Ok(value) = serde_json::to_vec(record) else { return };
+/// Writes the record; returns whether it was stored.
+async fn put(store: &kv::Store, key: &str, record: &WorkerRecord) -> bool {
+    let Ok(value) = serde_json::to_vec(record) else { return false };
     // Bounded: the registry is advisory and must not hold up shutdown while NATS is away.
     match tokio::time::timeout(Duration::from_secs(2), store.put(key, value.into())).await {
-        Ok(Ok(_)) => {}
-        Ok(Err(error)) => tracing::debug!(%error, "worker record not refreshed"),
-        Err(_) => tracing::debug!("worker record refresh timed out"),
+        Ok(Ok(_)) => true,
+        Ok(Err(error)) => {
+            tracing::debug!(%error, "worker record not refreshed");
+            false
+        }
+        Err(_) => {
+            tracing::debug!("worker record refresh timed out");
+            false
+        }
     }
 }

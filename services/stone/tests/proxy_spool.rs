@@ -1,0 +1,169 @@
+//! Events survive NATS outages: the proxy keeps answering, spools events to disk, publishes them
+//! once NATS is back with exact counts (no loss, no duplicates), and a worker stopped while NATS
+//! is down leaves its events in the spool for the next start.
+//!
+//! Each test runs its own nats-server on a free port so that it can stop and restart it.
+
+#![allow(clippy::panic, clippy::unwrap_used, clippy::expect_used)]
+
+mod proxy_support;
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use proxy_support::*;
+use stone_kit::{Shutdown, StoneConfig};
+
+/// A private nats-server with JetStream; its store survives restarts.
+struct PrivateNats {
+    port: u16,
+    store: PathBuf,
+    child: Option<Child>,
+}
+
+impl PrivateNats {
+    async fn start() -> Result<Self, BoxError> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let store = std::env::temp_dir().join(format!("stone-nats-test-{}", uuid::Uuid::now_v7().simple()));
+        let mut nats = Self { port, store, child: None };
+        nats.restart().await?;
+        Ok(nats)
+    }
+
+    fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    async fn restart(&mut self) -> Result<(), BoxError> {
+        let child = Command::new("nats-server")
+            .args(["-js", "-a", "127.0.0.1", "-p", &self.port.to_string(), "-sd"])
+            .arg(&self.store)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?;
+        self.child = Some(child);
+        for _ in 0..100 {
+            if tokio::net::TcpStream::connect(("127.0.0.1", self.port)).await.is_ok() {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Err("nats-server did not start".into())
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for PrivateNats {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_dir_all(&self.store);
+    }
+}
+
+fn config_for(nats: &PrivateNats, upstream: &TestUpstream) -> StoneConfig {
+    let mut config = isolated_config();
+    config.nats_url = nats.url();
+    config.proxy.upstreams = vec![upstream_spec("backend", &[(upstream.address, 1)])];
+    config.proxy.routes = vec![route_spec("items", &["/items/{id}"], "backend")];
+    config
+}
+
+async fn send(client: &TestClient, proxy: &stone_proxy::RunningProxy, count: usize) -> TestResult {
+    for index in 0..count {
+        let (status, _) = get(client, &format!("http://{}/items/{index}", proxy.listen_addr)).await?;
+        assert_eq!(status, 200, "requests never wait on NATS");
+    }
+    Ok(())
+}
+
+/// Waits until the stream holds `expected` request events, then checks it stays there.
+async fn assert_request_events(config: &StoneConfig, expected: u64) -> TestResult {
+    let mut count = 0;
+    for _ in 0..300 {
+        if let Ok(js) = jetstream(config).await {
+            count = count_events(&js, config, "request.>").await.unwrap_or(0);
+            if count >= expected {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(count, expected);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let js = jetstream(config).await?;
+    assert_eq!(count_events(&js, config, "request.>").await?, expected, "no duplicates arrive later");
+    assert_eq!(count_events(&js, config, "health.events_lost.>").await?, 0, "nothing was lost");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_survive_a_nats_outage_through_the_disk_spool() -> TestResult {
+    let mut nats = PrivateNats::start().await?;
+    let shutdown = Shutdown::new();
+    let upstream = TestUpstream::start("backend", &shutdown).await?;
+    let config = config_for(&nats, &upstream);
+    let outcome = async {
+        let proxy = stone_proxy::build(&config, &shutdown).await?;
+        let client = client();
+        send(&client, &proxy, 50).await?;
+        nats.stop();
+        send(&client, &proxy, 100).await?;
+        let spool = config.proxy.spool_dir.join("events.spool");
+        let spooled =
+            eventually(100, || async { std::fs::metadata(&spool).map(|meta| meta.len() > 0).unwrap_or(false) }).await;
+        assert!(spooled, "events went to the disk spool while NATS was down");
+        nats.restart().await?;
+        assert_request_events(&config, 150).await?;
+        let drained =
+            eventually(100, || async { std::fs::metadata(&spool).map(|meta| meta.len() == 0).unwrap_or(false) }).await;
+        assert!(drained, "the spool is emptied once published");
+        Ok(())
+    }
+    .await;
+    let _ = shutdown.drain(Duration::from_secs(10)).await;
+    let _ = std::fs::remove_dir_all(&config.proxy.spool_dir);
+    outcome
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_stopped_during_an_outage_keeps_its_events_for_the_next_start() -> TestResult {
+    let mut nats = PrivateNats::start().await?;
+    let upstreams = Shutdown::new();
+    let upstream = TestUpstream::start("backend", &upstreams).await?;
+    let config = config_for(&nats, &upstream);
+    let outcome = async {
+        let first = Shutdown::new();
+        let proxy = stone_proxy::build(&config, &first).await?;
+        let client = client();
+        send(&client, &proxy, 10).await?;
+        let js = jetstream(&config).await?;
+        assert!(eventually(100, || async { count_events(&js, &config, "request.>").await.unwrap_or(0) == 10 }).await);
+        nats.stop();
+        send(&client, &proxy, 30).await?;
+        // SIGTERM equivalent: stop accepting, finish, flush what is held.
+        first.drain(Duration::from_secs(10)).await?;
+        let spool = config.proxy.spool_dir.join("events.spool");
+        assert!(std::fs::metadata(&spool)?.len() > 0, "the stopped worker left its events in the spool");
+
+        nats.restart().await?;
+        let second = Shutdown::new();
+        let restarted = stone_proxy::build(&config, &second).await;
+        let checked = match restarted {
+            Ok(_) => assert_request_events(&config, 40).await,
+            Err(error) => Err(error.into()),
+        };
+        let _ = second.drain(Duration::from_secs(10)).await;
+        checked
+    }
+    .await;
+    let _ = upstreams.drain(Duration::from_secs(5)).await;
+    let _ = std::fs::remove_dir_all(&config.proxy.spool_dir);
+    outcome
+}
