@@ -13,6 +13,15 @@ bash infra/stack.sh up
 eval "$(bash infra/stack.sh env)"
 export STONE_CLICKHOUSE_URL STONE_NATS_URL STONE_DATABASE_URL STONE_REDIS_URL
 
+# The live-stream browser test drives Debian's headless Chromium.
+if ! command -v chromium >/dev/null 2>&1; then
+  echo "== installing chromium (browser test of the live stream)"
+  as_root=""
+  [ "$(id -u)" -eq 0 ] || as_root="sudo -n"
+  $as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+  $as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+fi
+
 if command -v rustup >/dev/null 2>&1; then
   for component in rustfmt clippy; do
     rustup component list --installed 2>/dev/null | grep -q "^${component}" || rustup component add "$component"

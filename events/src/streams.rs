@@ -72,12 +72,15 @@ pub fn config_stream(namespace: &Namespace) -> StreamSpec {
     }
 }
 
+/// Size cap of DEADLETTER (JetStream reserves a stream's `max_bytes` when it is created).
+pub const DEAD_LETTER_MAX_BYTES: i64 = 1024 * 1024 * 1024;
+
 /// `DEADLETTER`: events a consumer could not process, with the reason in headers; 30 days.
 pub fn dead_letter_stream(namespace: &Namespace) -> StreamSpec {
     StreamSpec {
         name: namespace.stream_name(DEADLETTER),
         subjects: vec![namespace.dead_letter_wildcard()],
-        retention: Retention::Limits { max_age: Duration::from_secs(30 * 24 * 3600), max_bytes: 1024 * 1024 * 1024 },
+        retention: Retention::Limits { max_age: Duration::from_secs(30 * 24 * 3600), max_bytes: DEAD_LETTER_MAX_BYTES },
         duplicate_window: MIN_DUPLICATE_WINDOW,
         description: "Proxy Stone events that could not be processed".to_owned(),
     }
@@ -85,7 +88,12 @@ pub fn dead_letter_stream(namespace: &Namespace) -> StreamSpec {
 
 /// Every stream of a deployment.
 pub fn all_streams(namespace: &Namespace, retention: EventsRetention) -> Vec<StreamSpec> {
-    vec![events_stream(namespace, retention), config_stream(namespace), dead_letter_stream(namespace)]
+    let mut dead_letters = dead_letter_stream(namespace);
+    // Never reserve more for dead letters than for the events they came from.
+    if let Retention::Limits { max_bytes, .. } = &mut dead_letters.retention {
+        *max_bytes = (*max_bytes).min(retention.max_bytes.max(1024 * 1024));
+    }
+    vec![events_stream(namespace, retention), config_stream(namespace), dead_letters]
 }
 
 /// Header names used on published messages.

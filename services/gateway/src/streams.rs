@@ -42,7 +42,12 @@ pub struct StreamState {
 }
 
 pub fn routes(state: StreamState) -> Router {
-    Router::new().route("/v1/streams/events", get(stream_events)).with_state(state)
+    Router::new().route("/v1/streams/events", get(stream_events)).route("/ui/live", get(live_page)).with_state(state)
+}
+
+/// A minimal page that tails the stream with the browser's `EventSource`; filters are its query.
+async fn live_page() -> axum::response::Html<&'static str> {
+    axum::response::Html(include_str!("ui/live.html"))
 }
 
 /// Filters of the live stream. Dimension filters are exact names; unset means any.
@@ -100,18 +105,28 @@ impl StreamFilter {
                 None => (text, "*"),
             },
         };
-        if !matches!(family, "*" | "request" | "cache" | "health") || name.contains(['.', ' ', '>']) || name.is_empty() {
-            return Err(ApiError::invalid("type", "must be an event type like request.completed, or request, cache, health"));
+        if !matches!(family, "*" | "request" | "cache" | "health") || name.contains(['.', ' ', '>']) || name.is_empty()
+        {
+            return Err(ApiError::invalid(
+                "type",
+                "must be an event type like request.completed, or request, cache, health",
+            ));
         }
         let name = name.replace('.', "_");
         let root = namespace.root();
         let (status_class, exact_status) = match self.status.as_deref() {
             None => ("*".to_owned(), None),
-            Some(class) if class.len() == 3 && class.ends_with("xx") && ('1'..='5').contains(&class.chars().next().unwrap_or('0')) => {
+            Some(class)
+                if class.len() == 3
+                    && class.ends_with("xx")
+                    && ('1'..='5').contains(&class.chars().next().unwrap_or('0')) =>
+            {
                 (class.to_owned(), None)
             }
             Some(code) => match code.parse::<u16>() {
-                Ok(code) if (100..=599).contains(&code) => (stone_events::subjects::status_class(code).to_owned(), Some(code)),
+                Ok(code) if (100..=599).contains(&code) => {
+                    (stone_events::subjects::status_class(code).to_owned(), Some(code))
+                }
                 _ => return Err(ApiError::invalid("status", "must be a class like 5xx or a code like 503")),
             },
         };
@@ -131,7 +146,12 @@ impl StreamFilter {
                 format!("{root}.ev.request.{name}.*.*.{route}.{status_class}.{cache}.{upstream}.{consumer}")
             }
             "cache" => {
-                for (field, value) in [("upstream", &self.upstream), ("consumer", &self.consumer), ("cache", &self.cache), ("status", &self.status)] {
+                for (field, value) in [
+                    ("upstream", &self.upstream),
+                    ("consumer", &self.consumer),
+                    ("cache", &self.cache),
+                    ("status", &self.status),
+                ] {
                     if value.is_some() {
                         only_for(field, &["request"])?;
                     }
@@ -139,7 +159,12 @@ impl StreamFilter {
                 format!("{root}.ev.cache.{name}.*.*.{}", token("route", &self.route)?)
             }
             "health" => {
-                for (field, value) in [("route", &self.route), ("consumer", &self.consumer), ("cache", &self.cache), ("status", &self.status)] {
+                for (field, value) in [
+                    ("route", &self.route),
+                    ("consumer", &self.consumer),
+                    ("cache", &self.cache),
+                    ("status", &self.status),
+                ] {
                     if value.is_some() {
                         only_for(field, &["request"])?;
                     }
@@ -156,8 +181,12 @@ impl StreamFilter {
     }
 
     fn has_request_dimensions(&self) -> bool {
-        self.upstream.is_some() || self.consumer.is_some() || self.status.is_some() || self.cache.is_some()
-            || self.min_latency_ms.is_some() || self.route.is_some()
+        self.upstream.is_some()
+            || self.consumer.is_some()
+            || self.status.is_some()
+            || self.cache.is_some()
+            || self.min_latency_ms.is_some()
+            || self.route.is_some()
     }
 
     fn deliver_policy(&self, headers: &HeaderMap) -> Result<DeliverPolicy, ApiError> {
@@ -208,9 +237,9 @@ pub async fn stream_events(
 ) -> Result<Sse<impl futures::Stream<Item = Result<SseEvent, Infallible>>>, ApiError> {
     let plan = filter.plan(&state.namespace)?;
     let deliver_policy = filter.deliver_policy(&headers)?;
-    let permit = Arc::clone(&state.slots).try_acquire_owned().map_err(|_| ApiError::Overloaded {
-        message: "too many live streams are open; retry later".to_owned(),
-    })?;
+    let permit = Arc::clone(&state.slots)
+        .try_acquire_owned()
+        .map_err(|_| ApiError::Overloaded { message: "too many live streams are open; retry later".to_owned() })?;
     let stream = state
         .js
         .get_stream(state.namespace.stream_name(EVENTS))
@@ -220,10 +249,8 @@ pub async fn stream_events(
         .create_consumer(OrderedConfig { filter_subject: plan.subject.clone(), deliver_policy, ..Default::default() })
         .await
         .map_err(|error| ApiError::Internal(anyhow::anyhow!("create ordered consumer: {error}")))?;
-    let messages = consumer
-        .messages()
-        .await
-        .map_err(|error| ApiError::Internal(anyhow::anyhow!("consume: {error}")))?;
+    let messages =
+        consumer.messages().await.map_err(|error| ApiError::Internal(anyhow::anyhow!("consume: {error}")))?;
 
     let (sender, receiver) = mpsc::channel(state.buffer.max(1));
     let shutdown = state.shutdown.clone();
@@ -282,7 +309,8 @@ fn to_sse(sequence: u64, payload: &[u8], plan: &StreamPlan) -> Option<SseEvent> 
     let event = match decode(payload) {
         Ok(event) => event,
         Err(error) => {
-            let data = serde_json::json!({ "sequence": sequence, "reason": error.to_string(), "code": error.reason_code() });
+            let data =
+                serde_json::json!({ "sequence": sequence, "reason": error.to_string(), "code": error.reason_code() });
             return Some(SseEvent::default().id(sequence.to_string()).event("undecodable").data(data.to_string()));
         }
     };

@@ -15,7 +15,6 @@ use hyper_util::rt::TokioExecutor;
 use stone_events::request::{CacheStatus, RequestCompleted};
 use stone_events::{Envelope, EventData};
 use stone_kit::{Shutdown, StoneConfig};
-use uuid::Uuid;
 
 fn request(route: &str, status: u16, total_us: u64) -> RequestCompleted {
     RequestCompleted {
@@ -50,15 +49,8 @@ struct App {
 
 impl App {
     async fn start(max_streams: usize) -> App {
-        let unique = Uuid::now_v7().simple().to_string();
-        let suffix = &unique[unique.len() - 10..];
-        let mut config = StoneConfig { namespace: format!("s{suffix}"), ..StoneConfig::default() };
-        for (key, slot) in [("STONE_NATS_URL", &mut config.nats_url), ("STONE_CLICKHOUSE_URL", &mut config.clickhouse_url)] {
-            if let Ok(value) = std::env::var(key) {
-                *slot = value;
-            }
-        }
-        config.gateway.listen = "127.0.0.1:0".parse().unwrap();
+        let mut config = stone_kit::testing::isolated("s");
+        stone_kit::testing::create_database(&config).await.unwrap();
         config.gateway.max_streams = max_streams;
         let shutdown = Shutdown::new();
         let gateway = stone_gateway::build(&config, &shutdown).await.unwrap();
@@ -75,7 +67,8 @@ impl App {
 
     async fn open(&self, query: &str, last_event_id: Option<u64>) -> (u16, SseReader) {
         let client: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
-        let mut builder = hyper::Request::get(format!("{}/v1/streams/events?{query}", self.base)).header("accept", "text/event-stream");
+        let mut builder = hyper::Request::get(format!("{}/v1/streams/events?{query}", self.base))
+            .header("accept", "text/event-stream");
         if let Some(id) = last_event_id {
             builder = builder.header("last-event-id", id.to_string());
         }
@@ -85,9 +78,7 @@ impl App {
 
     async fn finish(self) {
         let _ = self.shutdown.drain(Duration::from_secs(5)).await;
-        for base in ["EVENTS", "CONFIG", "DEADLETTER"] {
-            let _ = self.js.delete_stream(self.config.namespace().stream_name(base)).await;
-        }
+        stone_kit::testing::cleanup(&self.config).await;
     }
 }
 

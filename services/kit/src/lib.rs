@@ -14,6 +14,8 @@ pub mod nats;
 pub mod postgres;
 pub mod shutdown;
 pub mod telemetry;
+#[cfg(feature = "testing")]
+pub mod testing;
 
 pub use config::StoneConfig;
 pub use dependency::DependencyError;

@@ -13,7 +13,7 @@ fn unique(prefix: &str) -> String {
 }
 
 fn config() -> StoneConfig {
-    StoneConfig {
+    let mut config = StoneConfig {
         namespace: unique("k"),
         nats_url: std::env::var("STONE_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into()),
         clickhouse_url: std::env::var("STONE_CLICKHOUSE_URL").unwrap_or_else(|_| "http://127.0.0.1:8123".into()),
@@ -21,7 +21,10 @@ fn config() -> StoneConfig {
             .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into()),
         clickhouse_database: unique("kit_"),
         ..StoneConfig::default()
-    }
+    };
+    // JetStream reserves max_bytes per stream; keep test streams small.
+    config.events.max_bytes = 64 * 1024 * 1024;
+    config
 }
 
 #[tokio::test]

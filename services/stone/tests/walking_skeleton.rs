@@ -20,43 +20,12 @@ use stone_kit::{Shutdown, StoneConfig};
 
 type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
 
-fn env_or(key: &str, default: &str) -> String {
-    std::env::var(key).unwrap_or_else(|_| default.to_owned())
-}
-
-/// The Postgres server URL without a database.
-fn postgres_server() -> String {
-    let url = env_or("STONE_DATABASE_URL", "postgres://postgres@127.0.0.1:5432/postgres");
-    url.rsplit_once('/').map(|(server, _)| server.to_owned()).unwrap_or(url)
-}
-
-/// The test's own Postgres database, created empty.
-async fn create_database(config: &StoneConfig) -> Result<(), sqlx::Error> {
-    let admin = sqlx::PgPool::connect(&format!("{}/postgres", postgres_server())).await?;
-    sqlx::query(&format!("CREATE DATABASE {}", config.clickhouse_database)).execute(&admin).await?;
-    Ok(())
-}
-
-/// A configuration isolated to one test: its own namespace, ClickHouse database, port-0 listeners.
+/// A configuration isolated to one test (own namespace, databases, port-0 listeners) routing
+/// `/items/{id}` to the test's upstream.
 fn isolated_config(upstream: SocketAddr) -> StoneConfig {
-    let unique = uuid::Uuid::now_v7().simple().to_string();
-    let suffix = &unique[unique.len() - 10..];
-    let mut config = StoneConfig {
-        namespace: format!("t{suffix}"),
-        nats_url: env_or("STONE_NATS_URL", "nats://127.0.0.1:4222"),
-        clickhouse_url: env_or("STONE_CLICKHOUSE_URL", "http://127.0.0.1:8123"),
-        clickhouse_database: format!("test_{suffix}"),
-        database_url: format!("{}/test_{suffix}", postgres_server()),
-        partitions: 4,
-        shutdown_grace_ms: 5_000,
-        ..StoneConfig::default()
-    };
+    let mut config = stone_kit::testing::isolated("t");
+    config.partitions = 4;
     config.analytics.batch_max_wait_ms = 100;
-    let any_port: SocketAddr = SocketAddr::from(([127, 0, 0, 1], 0));
-    config.proxy.listen = any_port;
-    config.proxy.admin_listen = any_port;
-    config.gateway.listen = any_port;
-    config.analytics.admin_listen = any_port;
     config.proxy.upstreams = vec![UpstreamSpec {
         name: "backend".into(),
         algorithm: Default::default(),
@@ -120,32 +89,15 @@ async fn get(
     Ok((status, body))
 }
 
-/// Cleans up the test's streams and database whatever the outcome.
-async fn cleanup(config: &StoneConfig) {
-    if let Ok(client) = async_nats::connect(config.nats_url.as_str()).await {
-        let js = async_nats::jetstream::new(client);
-        for base in ["EVENTS", "CONFIG", "DEADLETTER"] {
-            let _ = js.delete_stream(config.namespace().stream_name(base)).await;
-        }
-    }
-    let clickhouse = clickhouse::Client::default().with_url(&config.clickhouse_url);
-    let _ = clickhouse.query(&format!("DROP DATABASE IF EXISTS `{}`", config.clickhouse_database)).execute().await;
-    if let Ok(admin) = sqlx::PgPool::connect(&format!("{}/postgres", postgres_server())).await {
-        let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", config.clickhouse_database))
-            .execute(&admin)
-            .await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_proxied_request_is_counted_exactly_once_in_the_analytics_api() -> TestResult {
     let shutdown = Shutdown::new();
     let upstream = start_upstream(&shutdown).await?;
     let config = isolated_config(upstream);
-    create_database(&config).await?;
+    stone_kit::testing::create_database(&config).await.map_err(|error| error.to_string())?;
     let outcome = run_skeleton(&config, &shutdown).await;
     let _ = shutdown.drain(Duration::from_secs(10)).await;
-    cleanup(&config).await;
+    stone_kit::testing::cleanup(&config).await;
     outcome
 }
 

@@ -1,0 +1,91 @@
+//! Isolation for tests and benchmarks that share one NATS, Postgres and ClickHouse server: each
+//! gets its own namespace (streams, KV buckets), database names and port-0 listeners, with small
+//! stream limits so that many can exist at once (JetStream reserves `max_bytes` up front).
+//! Compiled only with the `testing` feature.
+
+use std::net::SocketAddr;
+
+use crate::config::StoneConfig;
+
+/// Small enough that dozens of test streams fit in a default JetStream store.
+const TEST_STREAM_BYTES: i64 = 64 * 1024 * 1024;
+
+/// A configuration of its own for one test: `tag` (letters) starts the names, for readability.
+/// Server URLs come from the `STONE_*` variables that `infra/test.sh` exports.
+pub fn isolated(tag: &str) -> StoneConfig {
+    let id = uuid::Uuid::now_v7().simple().to_string();
+    let suffix = &id[id.len() - 10..];
+    let name = format!("{tag}{suffix}");
+    let any_port = SocketAddr::from(([127, 0, 0, 1], 0));
+    let mut config = StoneConfig::default();
+    for (key, slot) in [
+        ("STONE_NATS_URL", &mut config.nats_url),
+        ("STONE_CLICKHOUSE_URL", &mut config.clickhouse_url),
+        ("STONE_DATABASE_URL", &mut config.database_url),
+        ("STONE_REDIS_URL", &mut config.redis_url),
+    ] {
+        if let Ok(value) = std::env::var(key) {
+            *slot = value;
+        }
+    }
+    let server = config.database_url.rsplit_once('/').map(|(server, _)| server.to_owned()).unwrap_or_default();
+    config.database_url = format!("{server}/{name}");
+    config.namespace = name.clone();
+    config.clickhouse_database = name;
+    config.events.max_bytes = TEST_STREAM_BYTES;
+    config.shutdown_grace_ms = 5_000;
+    config.proxy.listen = any_port;
+    config.proxy.admin_listen = any_port;
+    config.gateway.listen = any_port;
+    config.analytics.admin_listen = any_port;
+    config
+}
+
+/// Creates the (empty) Postgres database named in `config.database_url`.
+pub async fn create_database(config: &StoneConfig) -> anyhow::Result<()> {
+    let (server, database) = split(config)?;
+    let admin = sqlx::PgPool::connect(&format!("{server}/postgres")).await?;
+    sqlx::query(&format!("CREATE DATABASE \"{database}\"")).execute(&admin).await?;
+    admin.close().await;
+    Ok(())
+}
+
+/// Removes everything an isolated configuration may have created: its streams and KV buckets,
+/// its ClickHouse database and its Postgres database. Errors are ignored: cleanup is best effort
+/// and must not hide the test's own outcome.
+pub async fn cleanup(config: &StoneConfig) {
+    if let Ok(client) = async_nats::connect(config.nats_url.as_str()).await {
+        let js = async_nats::jetstream::new(client);
+        let prefix = config.namespace().stream_name("");
+        let mut names = js.stream_names();
+        let mut mine = Vec::new();
+        while let Some(Ok(name)) = futures::StreamExt::next(&mut names).await {
+            // Streams `<NS>_EVENTS`…, and KV buckets, whose streams are `KV_<NS>_…`.
+            if name.starts_with(&prefix) || name.starts_with(&format!("KV_{prefix}")) {
+                mine.push(name);
+            }
+        }
+        for name in mine {
+            let _ = js.delete_stream(name).await;
+        }
+    }
+    let clickhouse = clickhouse::Client::default().with_url(&config.clickhouse_url);
+    let _ = clickhouse.query(&format!("DROP DATABASE IF EXISTS `{}`", config.clickhouse_database)).execute().await;
+    if let Ok((server, database)) = split(config)
+        && let Ok(admin) = sqlx::PgPool::connect(&format!("{server}/postgres")).await
+    {
+        let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS \"{database}\" WITH (FORCE)")).execute(&admin).await;
+        admin.close().await;
+    }
+}
+
+fn split(config: &StoneConfig) -> anyhow::Result<(String, String)> {
+    let (server, database) =
+        config.database_url.rsplit_once('/').ok_or_else(|| anyhow::anyhow!("database_url has no database name"))?;
+    // Names come from `isolated`: letters and digits only, so quoting them is safe.
+    anyhow::ensure!(
+        database.bytes().all(|byte| byte.is_ascii_alphanumeric() || byte == b'_'),
+        "unexpected database name"
+    );
+    Ok((server.to_owned(), database.to_owned()))
+}
