@@ -15,6 +15,7 @@ pub mod openapi;
 mod readiness;
 pub mod streams;
 pub mod time_range;
+pub mod workers;
 
 use std::net::SocketAddr;
 
@@ -101,7 +102,9 @@ pub async fn build(config: &StoneConfig, shutdown: &Shutdown) -> anyhow::Result<
         shutdown: shutdown.token(),
     };
     shutdown.spawn(readiness::probe_clickhouse(config.clone(), state.readiness.clone(), shutdown.token()));
-    let serving = stone_kit::admin::serve(listener, router(state).merge(streams::routes(stream_state)), shutdown.token());
+    let workers_state = workers::WorkersState { js: stream_state.js.clone(), namespace: config.namespace() };
+    let app = router(state).merge(streams::routes(stream_state)).merge(workers::routes(workers_state));
+    let serving = stone_kit::admin::serve(listener, app, shutdown.token());
     let process_shutdown = shutdown.clone();
     let server = shutdown.spawn(async move {
         let outcome = serving.await;

@@ -14,11 +14,12 @@ use crate::error::{ErrorBody, ErrorDetail};
         title = "Proxy Stone gateway",
         description = "Traffic analytics, configuration and live streams of a Proxy Stone deployment."
     ),
-    paths(crate::analytics::summary::summary, crate::streams::stream_events),
-    components(schemas(Summary, LatencyQuantiles, ErrorBody, ErrorDetail)),
+    paths(crate::analytics::summary::summary, crate::streams::stream_events, crate::workers::list_workers),
+    components(schemas(Summary, LatencyQuantiles, ErrorBody, ErrorDetail, crate::workers::Worker, crate::workers::WorkerList)),
     tags(
         (name = "analytics", description = "Traffic analytics from the ClickHouse projection"),
-        (name = "streams", description = "Live, resumable event streams (Server-Sent Events)")
+        (name = "streams", description = "Live, resumable event streams (Server-Sent Events)"),
+        (name = "fleet", description = "Proxy workers and their state")
     )
 )]
 struct ApiDoc;

@@ -19,7 +19,8 @@ pub const BUCKET: &str = "WORKERS";
 pub const RECORD_TTL: Duration = Duration::from_secs(30);
 /// How often a worker refreshes its record; a third of the TTL tolerates two lost beats.
 pub const BEAT_INTERVAL: Duration = Duration::from_secs(10);
-const STARTING_BEAT_INTERVAL: Duration = Duration::from_millis(500);
+/// How often the worker looks for a status or config change to publish.
+const CHANGE_POLL_INTERVAL: Duration = Duration::from_millis(250);
 
 /// One worker's record, as JSON in the bucket under the worker id.
 #[derive(Debug, Clone, Serialize)]
@@ -97,18 +98,23 @@ pub async fn run(registration: Registration, shutdown: CancellationToken) {
         events_pending: service.events_pending() as u64,
     };
     let mut store = store;
+    // Beats every BEAT_INTERVAL, and at once when the status or the config in force changes,
+    // so the registry shows a config rollout as it happens.
+    let mut last_written: Option<(bool, u64)> = None;
+    let mut last_beat = tokio::time::Instant::now();
     loop {
-        let ready = readiness.snapshot().0;
-        if !put(&store, &key, &record(if ready { "ready" } else { "starting" })).await {
-            // A NATS restart loses an in-memory bucket; open (re-create) it for the next beat.
-            if let Ok(reopened) = open_bucket(&js, &bucket).await {
+        let state = (readiness.snapshot().0, service.config_seq());
+        if last_written != Some(state) || last_beat.elapsed() >= BEAT_INTERVAL {
+            last_beat = tokio::time::Instant::now();
+            if put(&store, &key, &record(if state.0 { "ready" } else { "starting" })).await {
+                last_written = Some(state);
+            } else if let Ok(reopened) = open_bucket(&js, &bucket).await {
+                // A NATS restart loses an in-memory bucket; open (re-create) it for the next beat.
                 store = reopened;
             }
         }
-        // A starting worker beats often so the registry shows it ready soon after it is.
-        let pause = if ready { BEAT_INTERVAL } else { STARTING_BEAT_INTERVAL };
         tokio::select! {
-            () = tokio::time::sleep(pause) => {}
+            () = tokio::time::sleep(CHANGE_POLL_INTERVAL) => {}
             () = shutdown.cancelled() => break,
         }
     }

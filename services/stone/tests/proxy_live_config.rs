@@ -84,6 +84,28 @@ async fn run(config: &stone_kit::StoneConfig, shutdown: &Shutdown) -> TestResult
     }
     assert_eq!(record["status"], "ready", "{record}");
     assert_eq!(record["worker"], proxy.worker_id.as_str());
+
+    // The gateway lists it at GET /v1/workers, with the config sequence in force.
+    let workers_state = stone_gateway::workers::WorkersState { js: js.clone(), namespace: config.namespace() };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let gateway_addr = listener.local_addr()?;
+    let token = shutdown.token();
+    tokio::spawn(stone_kit::admin::serve(listener, stone_gateway::workers::routes(workers_state), token));
+    let mut listed = serde_json::Value::Null;
+    for _ in 0..150 {
+        let response = client
+            .request(hyper::Request::get(format!("http://{gateway_addr}/v1/workers")).body(Default::default())?)
+            .await?;
+        listed = serde_json::from_slice(&http_body_util::BodyExt::collect(response.into_body()).await?.to_bytes())?;
+        if listed["workers"][0]["config_seq"] == live_seq {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(listed["workers"].as_array().map(Vec::len), Some(1), "{listed}");
+    assert_eq!(listed["workers"][0]["worker"], proxy.worker_id.as_str(), "{listed}");
+    assert_eq!(listed["workers"][0]["status"], "ready", "{listed}");
+    assert_eq!(listed["workers"][0]["config_seq"], live_seq, "{listed}");
     let keys: Vec<String> = bucket.keys().await?.filter_map(|key| async move { key.ok() }).collect().await;
     assert_eq!(keys, vec![proxy.worker_id.clone()]);
     Ok(())
