@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use stone_events::Envelope;
 use stone_events::health::WorkerHeartbeat;
@@ -31,6 +31,11 @@ use crate::balancer::HealthRegistry;
 use crate::emitter::EmitterSettings;
 use crate::routing::RouteTable;
 use crate::service::{ProxyService, ServiceSettings};
+
+/// Largest request head (request line and headers) accepted; beyond it the answer is 431.
+const MAX_REQUEST_HEAD_BYTES: usize = 64 * 1024;
+/// Time a client has to send a complete request head.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How often a worker announces itself.
 const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(10);
@@ -155,7 +160,15 @@ pub async fn build(config: &StoneConfig, shutdown: &Shutdown) -> anyhow::Result<
 /// publisher flush and stop.
 async fn accept_loop(listener: tokio::net::TcpListener, service: ProxyService, shutdown: Shutdown, grace: Duration) {
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    let builder = auto::Builder::new(TokioExecutor::new());
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    // Oversized heads get 431 from hyper; a client that trickles its head is cut off rather than
+    // holding a connection forever (slowloris).
+    builder
+        .http1()
+        .max_buf_size(MAX_REQUEST_HEAD_BYTES)
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT);
+    builder.http2().timer(TokioTimer::new()).max_header_list_size(MAX_REQUEST_HEAD_BYTES as u32);
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,

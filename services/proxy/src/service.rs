@@ -227,7 +227,10 @@ impl ProxyService {
         };
 
         // Request smuggling: a message with both framings is read differently by different
-        // parsers, so a proxy must not pass it on (RFC 9112 §6.1).
+        // parsers. hyper's HTTP/1 parser already discards the Content-Length, frames by chunked
+        // and closes the connection after the response (RFC 9112 §6.1), and rejects other
+        // conflicts (non-chunked final coding, differing lengths) with 400; this catches any
+        // message that still carries both.
         if request.headers().contains_key(header::TRANSFER_ENCODING)
             && request.headers().contains_key(header::CONTENT_LENGTH)
         {
