@@ -11,6 +11,9 @@ use uuid::Uuid;
 
 use crate::envelope::EventData;
 
+pub mod document;
+pub mod validation;
+
 /// Load-balancing algorithm of an upstream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
@@ -176,6 +179,26 @@ pub struct ConsumerSpec {
     pub name: String,
     #[serde(default)]
     pub metadata: BTreeMap<String, String>,
+    /// Hashes of the consumer's API keys; the keys themselves are shown once and never stored.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub api_keys: Vec<ApiKeyHash>,
+}
+
+/// One API key of a consumer, as stored: a public id (the key's prefix, for lookup and
+/// revocation) and the SHA-256 of the whole key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ApiKeyHash {
+    pub id: String,
+    /// Lower-case hex SHA-256 of the full key.
+    pub sha256: String,
+}
+
+/// Lower-case hex SHA-256 of a secret (API keys, admin tokens). Keys carry 256 random bits, so a
+/// plain fast hash is enough: there is nothing to brute-force.
+pub fn sha256_hex(secret: &str) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(secret.as_bytes()).iter().map(|byte| format!("{byte:02x}")).collect()
 }
 
 /// A named policy (auth, rate limit or cache settings) that routes refer to.
@@ -183,8 +206,14 @@ pub struct ConsumerSpec {
 #[serde(deny_unknown_fields)]
 pub struct PolicySpec {
     pub name: String,
-    /// `auth`, `rate_limit` or `cache`.
-    pub kind: String,
+    /// `auth`, `rate_limit` or `cache`. On the wire this is `type`: `kind` is the tag of
+    /// [`EntitySpec`] (`"kind": "policy"`), and one object cannot carry two `kind` keys.
+    #[serde(rename = "type")]
+    pub policy_type: String,
+    /// Routes the policy applies to (like a plugin attached to routes); empty applies it to none
+    /// until a route is named.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub routes: Vec<String>,
     /// Settings of the policy kind.
     #[serde(default)]
     pub settings: BTreeMap<String, serde_json::Value>,
@@ -210,6 +239,24 @@ impl EntityKind {
             Self::Consumer => "consumer",
             Self::Policy => "policy",
         }
+    }
+
+    /// The collection name used in URLs, documents and field paths (`routes`).
+    pub fn plural(self) -> &'static str {
+        match self {
+            Self::Route => "routes",
+            Self::Upstream => "upstreams",
+            Self::Consumer => "consumers",
+            Self::Policy => "policies",
+        }
+    }
+
+    pub fn from_plural(plural: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|kind| kind.plural() == plural)
+    }
+
+    pub fn parse(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|kind| kind.as_str() == name)
     }
 }
 
@@ -240,6 +287,26 @@ impl EntitySpec {
             Self::Consumer(spec) => &spec.name,
             Self::Policy(spec) => &spec.name,
         }
+    }
+
+    /// The spec without its `kind` tag, as the API and Postgres show it.
+    pub fn to_body(&self) -> Result<serde_json::Value, serde_json::Error> {
+        match self {
+            Self::Route(spec) => serde_json::to_value(spec),
+            Self::Upstream(spec) => serde_json::to_value(spec),
+            Self::Consumer(spec) => serde_json::to_value(spec),
+            Self::Policy(spec) => serde_json::to_value(spec),
+        }
+    }
+
+    /// Reads a spec of a known kind from a body without `kind` tag.
+    pub fn from_body(kind: EntityKind, body: serde_json::Value) -> Result<Self, serde_json::Error> {
+        Ok(match kind {
+            EntityKind::Route => Self::Route(serde_json::from_value(body)?),
+            EntityKind::Upstream => Self::Upstream(serde_json::from_value(body)?),
+            EntityKind::Consumer => Self::Consumer(serde_json::from_value(body)?),
+            EntityKind::Policy => Self::Policy(serde_json::from_value(body)?),
+        })
     }
 }
 
@@ -328,6 +395,14 @@ pub struct ConfigState {
     pub applied_seq: u64,
 }
 
+/// A change that took effect, with the entity as it was before it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AppliedChange {
+    pub stream_seq: u64,
+    pub change: ConfigChange,
+    pub before: Option<ConfigEntity>,
+}
+
 /// One entity's current state in a [`ConfigState`].
 #[derive(Debug, Clone, PartialEq)]
 pub struct ConfigEntity {
@@ -341,7 +416,18 @@ pub struct ConfigEntity {
 impl ConfigState {
     /// Applies the event at `stream_seq`. Returns the changes that took effect now, in order
     /// (empty while a change set is incomplete).
+    ///
+    /// Writers publish a set's members back to back (each with the stream's expected last
+    /// sequence), so an event that is not a member of the open set means the writer gave up
+    /// half-way: the open set is abandoned for good and can never take effect later.
     pub fn apply(&mut self, stream_seq: u64, change: ConfigChange) -> Vec<(u64, ConfigChange)> {
+        self.apply_tracked(stream_seq, change).into_iter().map(|applied| (applied.stream_seq, applied.change)).collect()
+    }
+
+    /// As [`Self::apply`], also returning each entity's state before the change (for history).
+    pub fn apply_tracked(&mut self, stream_seq: u64, change: ConfigChange) -> Vec<AppliedChange> {
+        let member_of = change.change_set.as_ref().filter(|set| set.size > 1).map(|set| set.id);
+        self.pending_sets.retain(|set_id, _| Some(*set_id) == member_of);
         let ready = match &change.change_set {
             Some(set) if set.size > 1 => {
                 let set_id = set.id;
@@ -355,34 +441,39 @@ impl ConfigState {
             }
             _ => vec![(stream_seq, change)],
         };
-        for (sequence, change) in &ready {
-            self.apply_one(*sequence, change);
-        }
         ready
+            .into_iter()
+            .map(|(sequence, change)| {
+                let before = self.apply_one(sequence, &change);
+                AppliedChange { stream_seq: sequence, change, before }
+            })
+            .collect()
     }
 
-    fn apply_one(&mut self, stream_seq: u64, change: &ConfigChange) {
+    /// Applies one change and returns the entity as it was before.
+    fn apply_one(&mut self, stream_seq: u64, change: &ConfigChange) -> Option<ConfigEntity> {
         let key = (change.kind, change.name.clone());
-        match (&change.op, &change.spec) {
-            (ConfigOp::Upserted, Some(spec)) => {
-                self.entities.insert(
-                    key,
-                    ConfigEntity {
-                        id: change.id,
-                        version: change.version,
-                        spec: spec.clone(),
-                        stream_seq,
-                        actor: change.actor.clone(),
-                    },
-                );
-            }
-            // An upsert without a spec cannot be applied; writers never produce one.
-            (ConfigOp::Upserted, None) => {}
-            (ConfigOp::Deleted, _) => {
-                self.entities.remove(&key);
-            }
-        }
         self.applied_seq = self.applied_seq.max(stream_seq);
+        match (&change.op, &change.spec) {
+            (ConfigOp::Upserted, Some(spec)) => self.entities.insert(
+                key,
+                ConfigEntity {
+                    id: change.id,
+                    version: change.version,
+                    spec: spec.clone(),
+                    stream_seq,
+                    actor: change.actor.clone(),
+                },
+            ),
+            // An upsert without a spec cannot be applied; writers never produce one.
+            (ConfigOp::Upserted, None) => self.entities.get(&key).cloned(),
+            (ConfigOp::Deleted, _) => self.entities.remove(&key),
+        }
+    }
+
+    /// Every applied entity, by kind then name.
+    pub fn entities(&self) -> impl Iterator<Item = &ConfigEntity> {
+        self.entities.values()
     }
 
     pub fn get(&self, kind: EntityKind, name: &str) -> Option<&ConfigEntity> {
@@ -438,7 +529,11 @@ mod fold_tests {
             version,
             op: ConfigOp::Upserted,
             actor: "t".to_owned(),
-            spec: Some(EntitySpec::Consumer(ConsumerSpec { name: name.to_owned(), metadata: BTreeMap::new() })),
+            spec: Some(EntitySpec::Consumer(ConsumerSpec {
+                name: name.to_owned(),
+                metadata: BTreeMap::new(),
+                api_keys: Vec::new(),
+            })),
             change_set: set.map(|(id, index, size)| ChangeSet { id, index, size }),
         }
     }
@@ -456,6 +551,17 @@ mod fold_tests {
     }
 
     #[test]
+    fn an_interrupted_change_set_is_abandoned() {
+        let mut state = ConfigState::default();
+        let set = Uuid::now_v7();
+        assert!(state.apply(1, upsert("a", 1, Some((set, 0, 2)))).is_empty());
+        assert_eq!(state.apply(2, upsert("c", 1, None)).len(), 1);
+        assert_eq!(state.incomplete_change_sets(), 0, "the writer gave up: the set is gone");
+        assert!(state.apply(3, upsert("b", 1, Some((set, 1, 2)))).is_empty(), "a late member never completes it");
+        assert!(state.get(EntityKind::Consumer, "a").is_none());
+    }
+
+    #[test]
     fn deletes_remove_and_upserts_replace() {
         let mut state = ConfigState::default();
         state.apply(1, upsert("a", 1, None));
@@ -464,5 +570,24 @@ mod fold_tests {
         let delete = ConfigChange { op: ConfigOp::Deleted, spec: None, version: 3, ..upsert("a", 3, None) };
         state.apply(3, delete);
         assert!(state.get(EntityKind::Consumer, "a").is_none());
+    }
+}
+
+/// Builders shared by the unit tests of this module's children.
+#[cfg(test)]
+pub(crate) mod tests_support {
+    use super::*;
+
+    pub fn upsert(spec: EntitySpec, version: u64) -> ConfigChange {
+        ConfigChange {
+            kind: spec.kind(),
+            name: spec.name().to_owned(),
+            id: Uuid::nil(),
+            version,
+            op: ConfigOp::Upserted,
+            actor: "test".to_owned(),
+            spec: Some(spec),
+            change_set: None,
+        }
     }
 }

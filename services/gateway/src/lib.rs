@@ -9,6 +9,8 @@
 #![forbid(unsafe_code)]
 
 pub mod analytics;
+pub mod auth;
+pub mod config;
 pub mod error;
 pub mod metrics;
 pub mod openapi;
@@ -35,11 +37,24 @@ pub use crate::readiness::CLICKHOUSE_CONDITION;
 pub struct AppState {
     pub clickhouse: clickhouse::Client,
     pub readiness: Readiness,
+    /// The config API's projection and ledger; `None` serves 503 on `/v1/config/*`.
+    pub config: Option<config::ConfigContext>,
 }
 
 impl AppState {
     pub fn new(clickhouse: clickhouse::Client, readiness: Readiness) -> Self {
-        Self { clickhouse, readiness }
+        Self { clickhouse, readiness, config: None }
+    }
+
+    /// Enables the config API and token authentication.
+    pub fn with_config(mut self, context: config::ConfigContext) -> Self {
+        self.config = Some(context);
+        self
+    }
+
+    /// Where bearer tokens are checked (see [`auth::RequireScope`]).
+    pub fn token_store(&self) -> Option<&sqlx::PgPool> {
+        self.config.as_ref().map(|context| &context.pool)
     }
 
     /// A client on the configured database and readiness waiting for the first ClickHouse ping.
@@ -55,6 +70,7 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/v1/openapi.json", get(openapi::serve_document))
         .merge(analytics::routes())
+        .merge(config::routes())
         .fallback(|uri: axum::http::Uri| async move { ApiError::NotFound { path: uri.path().to_owned() } })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .with_state(state)
@@ -92,8 +108,11 @@ pub async fn build(config: &StoneConfig, shutdown: &Shutdown) -> anyhow::Result<
     stone_kit::postgres::migrate(&postgres).await?;
     let listener = stone_kit::bind(config.gateway.listen, "gateway.listen").await?;
     let local_addr = listener.local_addr()?;
-    let state = AppState::from_config(config);
     let (_nats, js) = stone_kit::nats::connect_and_provision(config, "stone-gateway").await?;
+    let (ledger, follower) =
+        config::Ledger::start(js.clone(), config.namespace(), "gateway".to_owned(), shutdown.token());
+    shutdown.spawn(follower);
+    let state = AppState::from_config(config).with_config(config::ConfigContext { pool: postgres, ledger });
     let stream_state = streams::StreamState {
         js,
         namespace: config.namespace(),

@@ -8,6 +8,7 @@
 pub mod admin;
 pub mod clickhouse;
 pub mod config;
+pub mod config_stream;
 pub mod dependency;
 pub mod migrations;
 pub mod nats;

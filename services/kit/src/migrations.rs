@@ -10,11 +10,18 @@ pub struct Migration {
 }
 
 /// `migrations/postgres/*.sql`, in order.
-pub const POSTGRES: &[Migration] = &[Migration {
-    version: 1,
-    name: "config_projection",
-    sql: include_str!("../../../migrations/postgres/0001_config_projection.sql"),
-}];
+pub const POSTGRES: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "config_projection",
+        sql: include_str!("../../../migrations/postgres/0001_config_projection.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "config_ledger",
+        sql: include_str!("../../../migrations/postgres/0002_config_ledger.sql"),
+    },
+];
 
 /// `migrations/clickhouse/*.sql`, in order.
 pub const CLICKHOUSE: &[Migration] = &[Migration {

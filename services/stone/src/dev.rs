@@ -57,6 +57,8 @@ pub async fn start(mut config: StoneConfig, args: DevArgs, shutdown: &Shutdown) 
     // The projector applies the ClickHouse migrations the gateway reads through, so it goes first.
     let projector = stone_analytics::build(&config, shutdown).await?;
     let gateway = stone_gateway::build(&config, shutdown).await?;
+    stone_config_projector::build(&config, shutdown).await?;
+    let admin_token = dev_admin_token(&config).await?;
     let proxy = stone_proxy::build(&config, shutdown).await?;
     shutdown.spawn(demo::serve_upstream(demo_listener, shutdown.clone()));
     if args.traffic > 0 {
@@ -75,6 +77,8 @@ pub async fn start(mut config: StoneConfig, args: DevArgs, shutdown: &Shutdown) 
          \n  proxy admin      http://{proxy_admin}/metrics\
          \n  analytics        http://{gateway_addr}/v1/analytics/summary?from=-15m\
          \n  openapi          http://{gateway_addr}/v1/openapi.json\
+         \n  config API       curl -H 'Authorization: Bearer {admin_token}' http://{gateway_addr}/v1/config/routes\
+         \n  admin token      {admin_token}   (shown once; export STONE_TOKEN=… for stone apply)\
          \n  projector admin  http://{projector_admin}/readyz\
          \n  demo upstream    http://{demo_addr}/api/orders\n",
         proxy = proxy.listen_addr,
@@ -83,4 +87,13 @@ pub async fn start(mut config: StoneConfig, args: DevArgs, shutdown: &Shutdown) 
         traffic = args.traffic,
     );
     Ok(())
+}
+
+/// A fresh admin token for this dev session, so a new user can call the config API at once.
+async fn dev_admin_token(config: &StoneConfig) -> anyhow::Result<String> {
+    let pool = stone_kit::postgres::connect(config, 1).await?;
+    let name = format!("dev-admin-{}", stone_events::new_event_id().simple());
+    let created = stone_gateway::auth::create_token(&pool, &name, stone_gateway::auth::Scope::Admin).await?;
+    pool.close().await;
+    Ok(created.token)
 }

@@ -8,6 +8,8 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 use stone_kit::{Shutdown, StoneConfig};
 
+mod apply;
+mod config_cmd;
 mod demo;
 mod dev;
 mod tail;
@@ -34,6 +36,16 @@ enum Command {
     Dev(dev::DevArgs),
     /// Follow the live event stream in the terminal (through the gateway).
     Tail(tail::TailArgs),
+    /// Run the config projector (CONFIG → Postgres state, history and checkpoint).
+    ConfigProjector,
+    /// Apply a declarative configuration file: show the diff, then apply it as one change set.
+    Apply(apply::ApplyArgs),
+    /// Configuration tools.
+    #[command(subcommand)]
+    Config(config_cmd::ConfigCommand),
+    /// Gateway API tokens (the bootstrap of the first admin token).
+    #[command(subcommand)]
+    Token(config_cmd::TokenCommand),
 }
 
 fn main() {
@@ -44,21 +56,32 @@ fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let config = StoneConfig::load(cli.config.as_deref())?;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    // Tools run once and exit; only services go through the telemetry and shutdown lifecycle.
+    let command = match cli.command {
+        Command::Apply(args) => return runtime.block_on(apply::run(args)),
+        Command::Config(command) => return runtime.block_on(config_cmd::run_config(command)),
+        Command::Token(command) => return runtime.block_on(config_cmd::run_token(&config, command)),
+        service => service,
+    };
     runtime.block_on(async move {
-        let service_name = match cli.command {
+        let service_name = match command {
             Command::Proxy => "stone-proxy",
             Command::Analytics => "stone-analytics",
             Command::Gateway => "stone-gateway",
             Command::Dev(_) => "stone-dev",
             Command::Tail(_) => "stone-tail",
+            Command::ConfigProjector => "stone-config-projector",
+            Command::Apply(_) | Command::Config(_) | Command::Token(_) => "stone-tool",
         };
         let _telemetry = stone_kit::telemetry::init(&config.telemetry, service_name)?;
         let shutdown = Shutdown::new();
-        let started = match cli.command {
+        let started = match command {
             Command::Proxy => stone_proxy::build(&config, &shutdown).await.map(|_| ()),
             Command::Analytics => stone_analytics::build(&config, &shutdown).await.map(|_| ()),
             Command::Gateway => stone_gateway::build(&config, &shutdown).await.map(|_| ()),
             Command::Dev(args) => dev::start(config.clone(), args, &shutdown).await,
+            Command::ConfigProjector => stone_config_projector::build(&config, &shutdown).await.map(|_| ()),
+            Command::Apply(_) | Command::Config(_) | Command::Token(_) => Ok(()),
             Command::Tail(args) => {
                 // A client command: it runs until Ctrl-C or until it fails.
                 let on_signal = shutdown.clone();

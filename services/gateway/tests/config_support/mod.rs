@@ -1,0 +1,218 @@
+//! One config API under test: a gateway on port 0 and a config projector, over their own NATS
+//! namespace (own CONFIG stream) and their own Postgres database, both removed by `finish`.
+
+#![allow(dead_code, clippy::panic, clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Duration;
+
+use async_nats::jetstream;
+use bytes::Bytes;
+use futures::StreamExt;
+use http_body_util::{BodyExt, Full};
+use hyper::{HeaderMap, Method, Request, StatusCode};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use serde_json::Value;
+use sqlx::PgPool;
+use stone_events::config::ConfigState;
+use stone_gateway::auth::{Scope, create_token};
+use stone_kit::{Shutdown, StoneConfig};
+use uuid::Uuid;
+
+pub type TestResult<T = ()> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
+
+fn env_or(key: &str, default: &str) -> String {
+    std::env::var(key).unwrap_or_else(|_| default.to_owned())
+}
+
+/// The Postgres server URL without a database.
+fn postgres_server() -> String {
+    let url = env_or("STONE_DATABASE_URL", "postgres://postgres@127.0.0.1:5432/postgres");
+    url.rsplit_once('/').map(|(server, _)| server.to_owned()).unwrap_or(url)
+}
+
+pub async fn create_database(name: &str) -> TestResult {
+    let admin = PgPool::connect(&format!("{}/postgres", postgres_server())).await?;
+    sqlx::query(&format!("CREATE DATABASE {name}")).execute(&admin).await?;
+    admin.close().await;
+    Ok(())
+}
+
+pub async fn drop_database(name: &str) {
+    if let Ok(admin) = PgPool::connect(&format!("{}/postgres", postgres_server())).await {
+        let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).execute(&admin).await;
+        admin.close().await;
+    }
+}
+
+pub fn unique(prefix: &str) -> String {
+    let id = Uuid::now_v7().simple().to_string();
+    format!("{prefix}{}", &id[id.len() - 12..])
+}
+
+pub struct ConfigApp {
+    pub config: StoneConfig,
+    pub database: String,
+    pub shutdown: Shutdown,
+    pub projector: Shutdown,
+    pub base: String,
+    pub http: Client<HttpConnector, Full<Bytes>>,
+    pub admin: String,
+    pub pool: PgPool,
+    pub js: jetstream::Context,
+}
+
+/// A response: status, headers, JSON body (`Null` when empty or not JSON).
+pub struct Answer {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Value,
+}
+
+impl Answer {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|value| value.to_str().ok())
+    }
+
+    pub fn seq(&self) -> u64 {
+        self.body["stream_seq"].as_u64().unwrap_or(0)
+    }
+}
+
+impl ConfigApp {
+    pub async fn spawn() -> TestResult<Self> {
+        let database = unique("cfg_");
+        create_database(&database).await?;
+        let mut config = StoneConfig {
+            namespace: unique("c"),
+            nats_url: env_or("STONE_NATS_URL", "nats://127.0.0.1:4222"),
+            database_url: format!("{}/{database}", postgres_server()),
+            clickhouse_url: env_or("STONE_CLICKHOUSE_URL", "http://127.0.0.1:8123"),
+            shutdown_grace_ms: 5_000,
+            ..StoneConfig::default()
+        };
+        config.gateway.listen = "127.0.0.1:0".parse()?;
+        // JetStream reserves max_bytes per stream up front; tests write a handful of events.
+        config.events.max_bytes = 64 * 1024 * 1024;
+        let shutdown = Shutdown::new();
+        let gateway = stone_gateway::build(&config, &shutdown).await?;
+        let projector = Shutdown::new();
+        stone_config_projector::build(&config, &projector).await?;
+        let pool = PgPool::connect(&config.database_url).await?;
+        let admin = create_token(&pool, "admin", Scope::Admin).await?.token;
+        let js = jetstream::new(async_nats::connect(config.nats_url.as_str()).await?);
+        Ok(Self {
+            base: format!("http://{}", gateway.local_addr()),
+            config,
+            database,
+            shutdown,
+            projector,
+            http: Client::builder(TokioExecutor::new()).build_http(),
+            admin,
+            pool,
+            js,
+        })
+    }
+
+    pub async fn token(&self, name: &str, scope: Scope) -> TestResult<String> {
+        Ok(create_token(&self.pool, name, scope).await?.token)
+    }
+
+    pub async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+        headers: &[(&str, &str)],
+    ) -> TestResult<Answer> {
+        let mut request = Request::builder().method(method).uri(format!("{}{path}", self.base));
+        if let Some(token) = token {
+            request = request.header("authorization", format!("Bearer {token}"));
+        }
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        let payload = body.map(|value| Bytes::from(serde_json::to_vec(&value).unwrap())).unwrap_or_default();
+        let response =
+            self.http.request(request.header("content-type", "application/json").body(Full::new(payload))?).await?;
+        let status = response.status();
+        let headers = response.headers().clone();
+        let bytes = response.into_body().collect().await?.to_bytes();
+        let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        Ok(Answer { status, headers, body })
+    }
+
+    /// As the admin.
+    pub async fn admin(&self, method: Method, path: &str, body: Option<Value>) -> TestResult<Answer> {
+        self.call(method, path, Some(&self.admin.clone()), body, &[]).await
+    }
+
+    /// Stops the projector and starts a new one (a crash and restart, from its point of view).
+    pub async fn restart_projector(&mut self) -> TestResult {
+        let _ = self.projector.drain(Duration::from_secs(5)).await;
+        self.projector = Shutdown::new();
+        stone_config_projector::build(&self.config, &self.projector).await?;
+        Ok(())
+    }
+
+    /// The last sequence of the CONFIG stream.
+    pub async fn last_seq(&self) -> TestResult<u64> {
+        Ok(stone_kit::config_stream::last_sequence(&self.js, &self.config.namespace()).await?)
+    }
+
+    /// Waits until the projection's checkpoint reaches `seq`.
+    pub async fn wait_projected(&self, pool: &PgPool, seq: u64) -> TestResult {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+        while stone_config_projector::checkpoint(pool).await? < seq {
+            assert!(tokio::time::Instant::now() < deadline, "projection did not reach {seq}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(())
+    }
+
+    /// The fold of the whole CONFIG stream, as every reader computes it.
+    pub async fn fold(&self) -> TestResult<ConfigState> {
+        let last = self.last_seq().await?;
+        let mut state = ConfigState::default();
+        if last == 0 {
+            return Ok(state);
+        }
+        let mut records =
+            std::pin::pin!(stone_kit::config_stream::follow(&self.js, &self.config.namespace(), 1).await?);
+        while let Some(record) = tokio::time::timeout(Duration::from_secs(10), records.next()).await? {
+            let record = record?;
+            let sequence = record.stream_seq();
+            if let stone_kit::config_stream::Followed::Change(change) = record {
+                state.apply(sequence, change.envelope.data);
+            }
+            if sequence >= last {
+                break;
+            }
+        }
+        Ok(state)
+    }
+
+    /// The raw payloads of the CONFIG stream.
+    pub async fn raw_stream(&self) -> TestResult<Vec<String>> {
+        let last = self.last_seq().await?;
+        let stream = self.js.get_stream(self.config.namespace().stream_name("CONFIG")).await?;
+        let mut payloads = Vec::new();
+        for sequence in 1..=last {
+            let message = stream.get_raw_message(sequence).await?;
+            payloads.push(String::from_utf8_lossy(&message.payload).into_owned());
+        }
+        Ok(payloads)
+    }
+
+    pub async fn finish(self) {
+        let _ = self.projector.drain(Duration::from_secs(5)).await;
+        let _ = self.shutdown.drain(Duration::from_secs(5)).await;
+        self.pool.close().await;
+        for base in ["EVENTS", "CONFIG", "DEADLETTER"] {
+            let _ = self.js.delete_stream(self.config.namespace().stream_name(base)).await;
+        }
+        drop_database(&self.database).await;
+    }
+}
