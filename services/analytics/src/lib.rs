@@ -1,73 +1,86 @@
-//! The analytics projector: request events from JetStream into ClickHouse, acknowledged only
-//! after ClickHouse committed them.
+//! The analytics projector: request, cache and health events from JetStream into ClickHouse,
+//! each exactly once, acknowledged only after ClickHouse committed them.
 //!
-//! Each EVENTS partition has its own durable pull consumer and its own loop ([`partition`]), so
-//! partitions progress independently and a poison event only detours through the dead-letter
-//! stream.
+//! The EVENTS subjects carry a partition token. Projector instances share the partitions through
+//! leases in a key-value bucket ([`coordinator`]); the owner of a partition reads it through a
+//! durable pull consumer and writes batches whose intent and checkpoint live in that bucket
+//! ([`state`], [`partition`]), with deterministic insert deduplication tokens ([`sink`]) so a
+//! retried batch never counts twice, in raw rows or in the rollups fed by materialized views.
 
+pub mod coordinator;
 pub mod partition;
 pub mod rows;
+pub mod sink;
+pub mod state;
+pub mod synthetic;
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, pull};
 use stone_events::streams::{DEADLETTER, EVENTS};
 use stone_kit::admin::{self, Readiness};
 use stone_kit::{Shutdown, StoneConfig};
 
-use crate::partition::PartitionContext;
+use crate::partition::ProjectorContext;
+use crate::sink::Sink;
+
+/// Base name of the key-value bucket of partition leases and checkpoints.
+pub const STATE_BUCKET: &str = "ANALYTICS";
 
 /// A started projector.
 #[derive(Debug, Clone)]
 pub struct RunningProjector {
     pub admin_addr: SocketAddr,
     pub partitions: u16,
+    pub instance_id: String,
 }
 
-/// Applies ClickHouse migrations, provisions streams and consumers, and spawns one loop per
-/// partition. Fails before binding anything if a dependency is missing.
+/// The instance name in leases: configured, or `analytics-<hostname>-<pid>`.
+pub fn instance_id(config: &StoneConfig) -> String {
+    if !config.analytics.instance_id.is_empty() {
+        return config.analytics.instance_id.clone();
+    }
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|name| name.trim().to_owned())
+        .filter(|name| !name.is_empty())
+        .unwrap_or_else(|| "host".to_owned());
+    format!("analytics-{host}-{}", std::process::id())
+}
+
+/// Applies ClickHouse migrations and retention, provisions streams and the state bucket, and
+/// starts the partition coordinator. Fails before binding anything if a dependency is missing.
 pub async fn build(config: &StoneConfig, shutdown: &Shutdown) -> anyhow::Result<RunningProjector> {
     stone_kit::clickhouse::migrate(config).await?;
+    let clickhouse = stone_kit::clickhouse::client(config);
+    sink::apply_retention(config, &clickhouse).await?;
     let (_client, js) = stone_kit::nats::connect_and_provision(config, "stone-analytics").await?;
+    let namespace = config.namespace();
+    let store = state::open_bucket(&js, &namespace.bucket_name(STATE_BUCKET), config.events.replicas).await?;
     let admin_listener = stone_kit::bind(config.analytics.admin_listen, "analytics.admin_listen").await?;
     let admin_addr = admin_listener.local_addr()?;
-    let namespace = config.namespace();
     let stream_name = namespace.stream_name(EVENTS);
     let stream = js.get_stream(&stream_name).await?;
-    let clickhouse = stone_kit::clickhouse::client(config);
+    let instance = instance_id(config);
 
-    for partition in 0..config.partitions {
-        let consumer_name = format!("{}-requests-p{partition}", config.analytics.consumer);
-        let consumer = stream
-            .get_or_create_consumer(
-                &consumer_name,
-                pull::Config {
-                    durable_name: Some(consumer_name.clone()),
-                    description: Some(format!("analytics projector, requests, partition {partition}")),
-                    filter_subject: namespace.family_partition_filter("request", partition),
-                    deliver_policy: DeliverPolicy::All,
-                    ack_policy: AckPolicy::All,
-                    ack_wait: Duration::from_secs(60),
-                    max_ack_pending: 200_000,
-                    ..Default::default()
-                },
-            )
-            .await
-            .map_err(|error| anyhow::anyhow!("cannot create consumer {consumer_name}: {error}"))?;
-        let context = PartitionContext {
-            partition,
-            consumer,
-            dead_letter_subject: namespace.dead_letter_subject(&namespace.stream_name(DEADLETTER), &consumer_name),
-            consumer_name,
-            stream_name: stream_name.clone(),
-            js: js.clone(),
-            clickhouse: clickhouse.clone(),
-            batch_max_rows: config.analytics.batch_max_rows,
-            batch_max_wait: Duration::from_millis(config.analytics.batch_max_wait_ms),
-        };
-        shutdown.spawn(partition::run(context, shutdown.token()));
-    }
+    let context = Arc::new(ProjectorContext {
+        dead_letter_subject: namespace
+            .dead_letter_subject(&namespace.stream_name(DEADLETTER), &config.analytics.consumer),
+        js,
+        stream,
+        store,
+        sink: Sink { clickhouse, token_prefix: format!("{}-{}", config.namespace, config.analytics.consumer) },
+        namespace,
+        stream_name,
+        consumer_prefix: config.analytics.consumer.clone(),
+        instance_id: instance.clone(),
+        batch_max_rows: config.analytics.batch_max_rows,
+        batch_max_wait: Duration::from_millis(config.analytics.batch_max_wait_ms),
+        lease_ttl: Duration::from_millis(config.analytics.lease_ttl_ms),
+    });
+    shutdown.spawn(coordinator::run(context, config.partitions, shutdown.token()));
 
     let readiness = Readiness::new(&[]);
     let token = shutdown.token();
@@ -76,6 +89,6 @@ pub async fn build(config: &StoneConfig, shutdown: &Shutdown) -> anyhow::Result<
             tracing::error!(%error, "analytics admin server failed");
         }
     });
-    tracing::info!(admin = %admin_addr, partitions = config.partitions, "analytics projector started");
-    Ok(RunningProjector { admin_addr, partitions: config.partitions })
+    tracing::info!(admin = %admin_addr, partitions = config.partitions, instance = %instance, "analytics projector started");
+    Ok(RunningProjector { admin_addr, partitions: config.partitions, instance_id: instance })
 }

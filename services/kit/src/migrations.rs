@@ -24,11 +24,10 @@ pub const POSTGRES: &[Migration] = &[
 ];
 
 /// `migrations/clickhouse/*.sql`, in order.
-pub const CLICKHOUSE: &[Migration] = &[Migration {
-    version: 1,
-    name: "requests",
-    sql: include_str!("../../../migrations/clickhouse/0001_requests.sql"),
-}];
+pub const CLICKHOUSE: &[Migration] = &[
+    Migration { version: 1, name: "requests", sql: include_str!("../../../migrations/clickhouse/0001_requests.sql") },
+    Migration { version: 2, name: "analytics", sql: include_str!("../../../migrations/clickhouse/0002_analytics.sql") },
+];
 
 /// Splits a file into statements at `;` outside quotes and comments (the ClickHouse HTTP
 /// interface takes one statement per request).

@@ -1,0 +1,122 @@
+//! ClickHouse unavailable, then back: the projector stops acknowledging, reports its lag, keeps
+//! retrying with backoff, and catches up with exact counts once ClickHouse answers again.
+
+#![allow(clippy::panic, clippy::unwrap_used, clippy::expect_used)]
+
+mod analytics_support;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use analytics_support::*;
+use stone_kit::Shutdown;
+use time::OffsetDateTime;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+
+/// A TCP relay in front of ClickHouse that can be switched off: while off, it cuts every open
+/// connection and closes new ones at once, as a crashed or unreachable server would.
+struct Switch {
+    address: SocketAddr,
+    up: Arc<AtomicBool>,
+    connections: Arc<std::sync::Mutex<CancellationToken>>,
+    stop: CancellationToken,
+}
+
+impl Switch {
+    async fn start(upstream: String) -> TestResult<Self> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let address = listener.local_addr()?;
+        let up = Arc::new(AtomicBool::new(true));
+        let connections = Arc::new(std::sync::Mutex::new(CancellationToken::new()));
+        let stop = CancellationToken::new();
+        let (accept_up, accept_connections, accept_stop) = (up.clone(), connections.clone(), stop.clone());
+        tokio::spawn(async move {
+            loop {
+                let accepted = tokio::select! {
+                    accepted = listener.accept() => accepted,
+                    () = accept_stop.cancelled() => return,
+                };
+                let Ok((mut client, _)) = accepted else { continue };
+                if !accept_up.load(Ordering::SeqCst) {
+                    drop(client);
+                    continue;
+                }
+                let cut = accept_connections.lock().unwrap().clone();
+                let upstream = upstream.clone();
+                tokio::spawn(async move {
+                    let Ok(mut server) = TcpStream::connect(upstream).await else { return };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                        () = cut.cancelled() => {}
+                    }
+                });
+            }
+        });
+        Ok(Self { address, up, connections, stop })
+    }
+
+    fn set_up(&self, up: bool) {
+        self.up.store(up, Ordering::SeqCst);
+        if !up {
+            let mut connections = self.connections.lock().unwrap();
+            connections.cancel();
+            *connections = CancellationToken::new();
+        }
+    }
+}
+
+impl Drop for Switch {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clickhouse_down_then_back_loses_nothing_and_doubles_nothing() -> TestResult {
+    let config = isolated_config();
+    let outcome = async {
+        let real = config.clickhouse_url.trim_start_matches("http://").trim_end_matches('/').to_owned();
+        let switch = Switch::start(real).await?;
+        let mut projector_config = config.clone();
+        projector_config.clickhouse_url = format!("http://{}", switch.address);
+
+        let js = jetstream(&config).await?;
+        let mut publisher = publisher(&config, &js);
+        let now = OffsetDateTime::now_utc();
+        let shutdown = Shutdown::new();
+        stone_analytics::build(&projector_config, &shutdown).await?;
+        publish_requests(&mut publisher, 0, 5_000, now).await?;
+        assert_eq!(wait_for_count(&config, 5_000, Duration::from_secs(30)).await, 5_000);
+
+        switch.set_up(false);
+        publish_requests(&mut publisher, 5_000, 10_000, now).await?;
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert_eq!(raw_count(&config).await, 5_000, "nothing can be written while ClickHouse is down");
+
+        // The lag is on record while the projector waits.
+        let store = js.get_key_value(config.namespace().bucket_name(stone_analytics::STATE_BUCKET)).await?;
+        let mut pending = 0;
+        for partition in 0..config.partitions {
+            if let Some(value) = store.get(stone_analytics::state::partition_key(partition)).await? {
+                let state: stone_analytics::state::PartitionState = serde_json::from_slice(&value)?;
+                pending += state.pending_events;
+                assert!(state.committed_events <= 5_000);
+            }
+        }
+        assert!(pending > 0, "pending events are reported during the outage");
+
+        switch.set_up(true);
+        let count = wait_for_count(&config, 15_000, Duration::from_secs(60)).await;
+        shutdown.trigger();
+        let _ = shutdown.drain(Duration::from_secs(10)).await;
+        assert_eq!(count, 15_000);
+        assert_exactly_once(&config, 15_000).await?;
+        Ok::<_, Box<dyn std::error::Error + Send + Sync>>(())
+    }
+    .await;
+    cleanup(&config).await;
+    outcome
+}

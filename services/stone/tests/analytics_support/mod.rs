@@ -1,0 +1,167 @@
+//! What the analytics tests share: an isolated configuration (own NATS namespace, own ClickHouse
+//! database, port 0), synthetic events published straight to JetStream, bounded waits for exact
+//! counts, the rollups-agree-with-raw check, and cleanup.
+
+#![allow(dead_code, clippy::panic, clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use stone_analytics::synthetic::{self, Publisher};
+use stone_kit::StoneConfig;
+use time::OffsetDateTime;
+
+pub type TestResult<T = ()> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
+
+fn env_or(key: &str, default: &str) -> String {
+    std::env::var(key).unwrap_or_else(|_| default.to_owned())
+}
+
+/// A configuration isolated to one test.
+pub fn isolated_config() -> StoneConfig {
+    let unique = uuid::Uuid::now_v7().simple().to_string();
+    let suffix = &unique[unique.len() - 10..];
+    let mut config = StoneConfig {
+        namespace: format!("a{suffix}"),
+        nats_url: env_or("STONE_NATS_URL", "nats://127.0.0.1:4222"),
+        clickhouse_url: env_or("STONE_CLICKHOUSE_URL", "http://127.0.0.1:8123"),
+        clickhouse_database: format!("analytics_{suffix}"),
+        partitions: 4,
+        shutdown_grace_ms: 5_000,
+        ..StoneConfig::default()
+    };
+    // Small, so parallel tests do not exhaust the server's JetStream storage reservations.
+    config.events.max_bytes = 256 * 1024 * 1024;
+    config.analytics.batch_max_wait_ms = 50;
+    config.analytics.batch_max_rows = 5_000;
+    config.analytics.lease_ttl_ms = 3_000;
+    config.analytics.admin_listen = SocketAddr::from(([127, 0, 0, 1], 0));
+    config.gateway.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+    config
+}
+
+/// The environment that makes a `stone` child process use `config`.
+pub fn child_env(config: &StoneConfig) -> Vec<(String, String)> {
+    vec![
+        ("STONE_NAMESPACE".into(), config.namespace.clone()),
+        ("STONE_NATS_URL".into(), config.nats_url.clone()),
+        ("STONE_CLICKHOUSE_URL".into(), config.clickhouse_url.clone()),
+        ("STONE_CLICKHOUSE_DATABASE".into(), config.clickhouse_database.clone()),
+        ("STONE_PARTITIONS".into(), config.partitions.to_string()),
+        ("STONE_EVENTS__MAX_BYTES".into(), config.events.max_bytes.to_string()),
+        ("STONE_ANALYTICS__ADMIN_LISTEN".into(), "127.0.0.1:0".into()),
+        ("STONE_ANALYTICS__BATCH_MAX_ROWS".into(), config.analytics.batch_max_rows.to_string()),
+        ("STONE_ANALYTICS__BATCH_MAX_WAIT_MS".into(), config.analytics.batch_max_wait_ms.to_string()),
+        ("STONE_ANALYTICS__LEASE_TTL_MS".into(), config.analytics.lease_ttl_ms.to_string()),
+        ("STONE_TELEMETRY__LOG".into(), "warn,stone_analytics=info".into()),
+    ]
+}
+
+/// Connects to NATS and provisions the test's streams.
+pub async fn jetstream(config: &StoneConfig) -> TestResult<async_nats::jetstream::Context> {
+    let (_client, js) = stone_kit::nats::connect_and_provision(config, "analytics-test").await?;
+    Ok(js)
+}
+
+pub fn publisher(config: &StoneConfig, js: &async_nats::jetstream::Context) -> Publisher {
+    Publisher::new(js.clone(), config.namespace(), config.partitions, 2_048)
+}
+
+/// Publishes synthetic requests `first..first + count`, timed `time`.
+pub async fn publish_requests(publisher: &mut Publisher, first: u64, count: u64, time: OffsetDateTime) -> TestResult {
+    for index in first..first + count {
+        publisher.publish(&synthetic::request(index, time)).await?;
+    }
+    publisher.flush().await?;
+    Ok(())
+}
+
+pub fn clickhouse(config: &StoneConfig) -> clickhouse::Client {
+    stone_kit::clickhouse::client(config)
+}
+
+/// Rows in `requests` (0 while the table does not exist yet).
+pub async fn raw_count(config: &StoneConfig) -> u64 {
+    clickhouse(config).query("SELECT count() FROM requests").fetch_one::<u64>().await.unwrap_or(0)
+}
+
+/// Waits until `requests` has `expected` rows (or `timeout` passes) and returns the last count.
+pub async fn wait_for_count(config: &StoneConfig, expected: u64, timeout: Duration) -> u64 {
+    let started = Instant::now();
+    loop {
+        let count = raw_count(config).await;
+        if count >= expected || started.elapsed() > timeout {
+            return count;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Asserts exactly-once in raw rows and rollups: `expected` rows, `expected` distinct event ids,
+/// and every rollup agreeing with an aggregate over the raw rows, group by group.
+pub async fn assert_exactly_once(config: &StoneConfig, expected: u64) -> TestResult {
+    let client = clickhouse(config);
+    let (rows, distinct): (u64, u64) =
+        client.query("SELECT count(), uniqExact(event_id) FROM requests").fetch_one().await?;
+    assert_eq!((rows, distinct), (expected, expected), "raw rows and distinct event ids");
+    for rollup in ["requests_1m", "requests_1h"] {
+        let bucket = if rollup == "requests_1m" { "toStartOfMinute(time)" } else { "toStartOfHour(time)" };
+        let total: u64 = client.query(&format!("SELECT sum(requests) FROM {rollup}")).fetch_one().await?;
+        assert_eq!(total, expected, "{rollup} total");
+        // Groups where the rollup and the raw aggregate disagree on count or bytes.
+        let sql = format!(
+            "SELECT count() FROM ( \
+               SELECT bucket, route, path_template, upstream, consumer, status, cache, \
+                      sum(requests) AS requests, sum(bytes_out) AS bytes_out \
+               FROM {rollup} GROUP BY bucket, route, path_template, upstream, consumer, status, cache \
+             ) AS rolled FULL OUTER JOIN ( \
+               SELECT {bucket} AS bucket, route, path_template, upstream, consumer, status, cache, \
+                      count() AS requests, sum(bytes_out) AS bytes_out \
+               FROM requests GROUP BY bucket, route, path_template, upstream, consumer, status, cache \
+             ) AS raw USING (bucket, route, path_template, upstream, consumer, status, cache) \
+             WHERE rolled.requests != raw.requests OR rolled.bytes_out != raw.bytes_out"
+        );
+        let disagreeing: u64 = client.query(&sql).fetch_one().await?;
+        assert_eq!(disagreeing, 0, "{rollup} groups disagreeing with raw rows");
+    }
+    Ok(())
+}
+
+/// Deletes the test's streams, state bucket and database.
+pub async fn cleanup(config: &StoneConfig) {
+    if let Ok(client) = async_nats::connect(config.nats_url.as_str()).await {
+        let js = async_nats::jetstream::new(client);
+        for base in ["EVENTS", "CONFIG", "DEADLETTER"] {
+            let _ = js.delete_stream(config.namespace().stream_name(base)).await;
+        }
+        let _ = js.delete_key_value(config.namespace().bucket_name(stone_analytics::STATE_BUCKET)).await;
+    }
+    let server = clickhouse::Client::default().with_url(&config.clickhouse_url);
+    let _ = server.query(&format!("DROP DATABASE IF EXISTS `{}`", config.clickhouse_database)).execute().await;
+}
+
+/// A `stone analytics` child process, killed (SIGKILL) when dropped.
+pub struct ProjectorProcess {
+    pub child: std::process::Child,
+}
+
+impl ProjectorProcess {
+    pub fn start(config: &StoneConfig, instance: &str) -> TestResult<Self> {
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_stone"));
+        command.arg("analytics").envs(child_env(config)).env("STONE_ANALYTICS__INSTANCE_ID", instance);
+        command.stdout(std::process::Stdio::null());
+        Ok(Self { child: command.spawn()? })
+    }
+
+    /// SIGKILL: no drain, no release, no flush.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for ProjectorProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
