@@ -26,7 +26,7 @@ struct ApiDoc;
 
 /// The document as a value.
 pub fn document() -> utoipa::openapi::OpenApi {
-    ApiDoc::openapi()
+    ApiDoc::openapi().merge_from(crate::config::openapi::document())
 }
 
 /// The document as pretty JSON with a trailing newline, as checked in.

@@ -280,11 +280,15 @@ pub enum ConfigError {
     File { path: PathBuf, message: String },
 }
 
+/// `STONE_*` variables read by the command-line clients (`--config`, `stone apply`, `stone tail`),
+/// not by the services: the loader must not reject them as unknown keys.
+const CLIENT_VARIABLES: [&str; 3] = ["config", "gateway_url", "token"];
+
 impl StoneConfig {
     /// Loads defaults, then `file` (if given, it must exist), then `STONE_*` variables, and
     /// validates the result.
     pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
-        Self::load_from(file, Env::prefixed("STONE_").split("__").ignore(&["config"]))
+        Self::load_from(file, Env::prefixed("STONE_").split("__").ignore(&CLIENT_VARIABLES))
     }
 
     /// As [`Self::load`] with an explicit environment provider (tests pass their own).
@@ -442,7 +446,13 @@ mod tests {
     fn file_then_environment_override_defaults() -> Result<(), String> {
         let config = load_in_jail(
             Some("nats_url = \"nats://10.0.0.1:4222\"\n[proxy]\nlisten = \"0.0.0.0:9000\"\n"),
-            &[("STONE_PROXY__LISTEN", "127.0.0.1:9001"), ("STONE_CONFIG", "ignored.toml")],
+            &[
+                ("STONE_PROXY__LISTEN", "127.0.0.1:9001"),
+                ("STONE_CONFIG", "ignored.toml"),
+                // Read by `stone apply`/`stone tail`, not by the services.
+                ("STONE_GATEWAY_URL", "http://127.0.0.1:8081"),
+                ("STONE_TOKEN", "stn_x_y"),
+            ],
         )?;
         assert_eq!(config.nats_url, "nats://10.0.0.1:4222");
         assert_eq!(config.proxy.listen.port(), 9001);

@@ -17,6 +17,7 @@ pub mod changes;
 pub mod entities;
 pub mod error;
 pub mod ledger;
+pub mod openapi;
 pub mod read;
 
 use axum::Router;
