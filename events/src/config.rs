@@ -170,6 +170,10 @@ pub struct RouteSpec {
     /// Largest request body in bytes (413 beyond); default from the proxy's settings.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_body_bytes: Option<u64>,
+    /// Response cache policy; absent means the route does not cache. Boxed: most routes have none,
+    /// and specs travel in enums whose size is that of their largest variant.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<Box<crate::cache::RouteCacheSpec>>,
 }
 
 /// A consumer of the API (identified by API keys or JWT subject).

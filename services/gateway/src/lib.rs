@@ -122,7 +122,15 @@ pub async fn build(config: &StoneConfig, shutdown: &Shutdown) -> anyhow::Result<
     };
     shutdown.spawn(readiness::probe_clickhouse(config.clone(), state.readiness.clone(), shutdown.token()));
     let workers_state = workers::WorkersState { js: stream_state.js.clone(), namespace: config.namespace() };
-    let app = router(state).merge(streams::routes(stream_state)).merge(workers::routes(workers_state));
+    let projections_state = analytics::projections::ProjectionsState {
+        js: stream_state.js.clone(),
+        namespace: config.namespace(),
+        partitions: config.partitions,
+    };
+    let app = router(state)
+        .merge(streams::routes(stream_state))
+        .merge(workers::routes(workers_state))
+        .merge(analytics::projections::routes(projections_state));
     let serving = stone_kit::admin::serve(listener, app, shutdown.token());
     let process_shutdown = shutdown.clone();
     let server = shutdown.spawn(async move {

@@ -14,10 +14,44 @@ use crate::error::{ErrorBody, ErrorDetail};
         title = "Proxy Stone gateway",
         description = "Traffic analytics, configuration and live streams of a Proxy Stone deployment."
     ),
-    paths(crate::analytics::summary::summary, crate::streams::stream_events, crate::workers::list_workers),
-    components(schemas(Summary, LatencyQuantiles, ErrorBody, ErrorDetail, crate::workers::Worker, crate::workers::WorkerList)),
+    paths(
+        crate::analytics::summary::summary,
+        crate::analytics::timeseries::timeseries,
+        crate::analytics::top::top,
+        crate::analytics::search::requests,
+        crate::analytics::health::upstreams,
+        crate::analytics::health::timeline,
+        crate::analytics::projections::projections,
+        crate::streams::stream_events,
+        crate::workers::list_workers
+    ),
+    components(schemas(
+        Summary,
+        LatencyQuantiles,
+        ErrorBody,
+        ErrorDetail,
+        crate::workers::Worker,
+        crate::workers::WorkerList,
+        crate::analytics::source::Source,
+        crate::analytics::source::Metrics,
+        crate::analytics::timeseries::Timeseries,
+        crate::analytics::timeseries::Point,
+        crate::analytics::top::TopList,
+        crate::analytics::top::TopEntry,
+        crate::analytics::search::RequestPage,
+        crate::analytics::search::RequestRecord,
+        crate::analytics::health::UpstreamHealth,
+        crate::analytics::health::TargetHealth,
+        crate::analytics::health::HealthTimeline,
+        crate::analytics::health::Transition,
+        crate::analytics::projections::ProjectionList,
+        crate::analytics::projections::Projection,
+        crate::analytics::projections::PartitionLag
+    )),
     tags(
         (name = "analytics", description = "Traffic analytics from the ClickHouse projection"),
+        (name = "health", description = "Upstream target health from health events"),
+        (name = "projections", description = "How far each projection is behind the stream"),
         (name = "streams", description = "Live, resumable event streams (Server-Sent Events)"),
         (name = "fleet", description = "Proxy workers and their state")
     )

@@ -7,6 +7,7 @@
 
 pub mod balancer;
 pub mod body;
+pub mod cache;
 pub mod config_follow;
 pub mod emitter;
 pub mod health;

@@ -295,6 +295,7 @@ mod tests {
             priority: 0,
             retries: None,
             max_body_bytes: None,
+            cache: None,
         }
     }
 

@@ -32,6 +32,7 @@ fn demo_routes(upstream: SocketAddr) -> (Vec<RouteSpec>, Vec<UpstreamSpec>) {
         priority: 0,
         retries: None,
         max_body_bytes: None,
+        cache: None,
     };
     let routes =
         vec![route("users", &["/api/users/{id}"]), route("orders", &["/api/orders"]), route("api", &["/api/*"])];

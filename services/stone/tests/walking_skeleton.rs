@@ -46,6 +46,7 @@ fn isolated_config(upstream: SocketAddr) -> StoneConfig {
         priority: 0,
         retries: None,
         max_body_bytes: None,
+        cache: None,
     }];
     config
 }

@@ -88,11 +88,59 @@ pub struct AnalyticsFilter {
     pub cache: Option<CacheStatus>,
 }
 
+/// The time column a [`WhereClause`] bounds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TimeColumn {
+    /// `time` of the raw tables.
+    Time,
+    /// `bucket` of the rollups.
+    Bucket,
+}
+
+/// An endpoint's own parameters, by name, as given.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ExtraParameters {
+    values: std::collections::BTreeMap<&'static str, Option<String>>,
+}
+
+impl ExtraParameters {
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.values.get(name).and_then(|value| value.as_deref())
+    }
+
+    /// A bounded integer parameter, `default` when absent.
+    pub fn integer(
+        &self,
+        name: &'static str,
+        default: u64,
+        range: std::ops::RangeInclusive<u64>,
+    ) -> Result<u64, ApiError> {
+        let Some(text) = self.get(name) else { return Ok(default) };
+        match text.parse::<u64>() {
+            Ok(value) if range.contains(&value) => Ok(value),
+            _ => Err(ApiError::invalid(
+                name,
+                format!("{text:?} is not an integer from {} to {}", range.start(), range.end()),
+            )),
+        }
+    }
+
+    /// One of `choices` (by its name), `default` when absent.
+    pub fn choice<T: Copy>(&self, name: &'static str, default: T, choices: &[(&str, T)]) -> Result<T, ApiError> {
+        let Some(text) = self.get(name) else { return Ok(default) };
+        choices.iter().find(|(choice, _)| *choice == text).map(|(_, value)| *value).ok_or_else(|| {
+            let names: Vec<&str> = choices.iter().map(|(choice, _)| *choice).collect();
+            ApiError::invalid(name, format!("{text:?} is not valid for {name}: use {}", names.join(", ")))
+        })
+    }
+}
+
 /// A value bound to a `?` placeholder, in placeholder order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SqlValue {
     Int(i64),
     UInt(u16),
+    UInt64(u64),
     Text(String),
 }
 
@@ -109,11 +157,13 @@ impl WhereClause {
         self.values.iter().fold(query, |query, value| match value {
             SqlValue::Int(number) => query.bind(number),
             SqlValue::UInt(number) => query.bind(number),
+            SqlValue::UInt64(number) => query.bind(number),
             SqlValue::Text(text) => query.bind(text.as_str()),
         })
     }
 
-    fn condition(&mut self, sql: &str, values: impl IntoIterator<Item = SqlValue>) {
+    /// Appends `AND sql` with its values.
+    pub fn condition(&mut self, sql: &str, values: impl IntoIterator<Item = SqlValue>) {
         if !self.sql.is_empty() {
             self.sql.push_str(" AND ");
         }
@@ -126,7 +176,18 @@ impl AnalyticsFilter {
     /// Parses raw query pairs. Unknown and repeated parameters are errors: a typo such as `rout=`
     /// must not silently widen the result to every route.
     pub fn from_pairs(pairs: &[(String, String)], now: OffsetDateTime) -> Result<Self, ApiError> {
+        Self::from_pairs_with(pairs, now, &[]).map(|(filter, _)| filter)
+    }
+
+    /// As [`Self::from_pairs`], also accepting the endpoint's own parameters `extra` (each at
+    /// most once), which are returned by name.
+    pub fn from_pairs_with(
+        pairs: &[(String, String)],
+        now: OffsetDateTime,
+        extra: &[&'static str],
+    ) -> Result<(Self, ExtraParameters), ApiError> {
         let mut query = AnalyticsQuery::default();
+        let mut extras = ExtraParameters::default();
         for (name, value) in pairs {
             let slot = match name.as_str() {
                 "from" => &mut query.from,
@@ -136,20 +197,23 @@ impl AnalyticsFilter {
                 "consumer" => &mut query.consumer,
                 "status" => &mut query.status,
                 "cache" => &mut query.cache,
-                unknown => {
-                    return Err(ApiError::invalid(
-                        unknown,
-                        format!(
-                            "unknown parameter {unknown:?}; expected from, to, route, upstream, consumer, status or cache"
-                        ),
-                    ));
-                }
+                other => match extra.iter().find(|known| **known == other) {
+                    Some(known) => extras.values.entry(known).or_default(),
+                    None => {
+                        let mut expected = vec!["from", "to", "route", "upstream", "consumer", "status", "cache"];
+                        expected.extend_from_slice(extra);
+                        return Err(ApiError::invalid(
+                            other,
+                            format!("unknown parameter {other:?}; expected one of {}", expected.join(", ")),
+                        ));
+                    }
+                },
             };
             if slot.replace(value.clone()).is_some() {
                 return Err(ApiError::invalid(name.as_str(), format!("parameter {name:?} is given more than once")));
             }
         }
-        Self::from_query(query, now)
+        Ok((Self::from_query(query, now)?, extras))
     }
 
     pub fn from_query(query: AnalyticsQuery, now: OffsetDateTime) -> Result<Self, ApiError> {
@@ -166,9 +230,22 @@ impl AnalyticsFilter {
     /// The conditions on the `requests` table. The time bounds come first: `time` is in the
     /// sorting key and the partition key, so ClickHouse prunes parts with them.
     pub fn where_clause(&self) -> WhereClause {
+        self.where_clause_on(TimeColumn::Time)
+    }
+
+    /// The conditions on a table whose time column is `time_column` (the rollups have `bucket`,
+    /// the start of each bucket; callers only use them for ranges aligned to buckets).
+    pub fn where_clause_on(&self, time_column: TimeColumn) -> WhereClause {
         let mut clause = WhereClause { sql: String::new(), values: Vec::new() };
         clause.condition(
-            "time >= fromUnixTimestamp64Micro(toInt64(?), 'UTC') AND time < fromUnixTimestamp64Micro(toInt64(?), 'UTC')",
+            match time_column {
+                TimeColumn::Time => {
+                    "time >= fromUnixTimestamp64Micro(toInt64(?), 'UTC') AND time < fromUnixTimestamp64Micro(toInt64(?), 'UTC')"
+                }
+                TimeColumn::Bucket => {
+                    "bucket >= fromUnixTimestamp64Micro(toInt64(?), 'UTC') AND bucket < fromUnixTimestamp64Micro(toInt64(?), 'UTC')"
+                }
+            },
             [SqlValue::Int(self.range.from_unix_micros()), SqlValue::Int(self.range.to_unix_micros())],
         );
         for (column_condition, value) in

@@ -1,5 +1,5 @@
-//! `GET /v1/analytics/summary`: totals, error and cache ratios and latency quantiles over the raw
-//! `requests` table for one filtered time range.
+//! `GET /v1/analytics/summary`: totals, error and cache ratios and latency quantiles for one
+//! filtered time range, from a rollup when the range falls on its buckets, else from raw rows.
 
 use axum::Json;
 use axum::extract::rejection::QueryRejection;
@@ -9,32 +9,20 @@ use time::OffsetDateTime;
 use utoipa::ToSchema;
 
 use super::filter::{AnalyticsFilter, AnalyticsQuery};
+use super::source::{Source, ratio};
 use crate::AppState;
 use crate::error::{ApiError, ErrorBody};
-
-/// One aggregate row. Column aliases match the field names because the client checks the
-/// response's names and types against this struct.
-const SUMMARY_SELECT: &str = "SELECT \
-     count() AS requests, \
-     countIf(status >= 500) AS errors, \
-     countIf(status >= 400 AND status < 500) AS client_errors, \
-     quantiles(0.5, 0.9, 0.95, 0.99)(total_us) AS latency_quantiles, \
-     sum(bytes_in) AS bytes_in, \
-     sum(bytes_out) AS bytes_out, \
-     countIf(cache = 'hit') AS cache_hits, \
-     countIf(cache = 'miss') AS cache_misses \
-     FROM requests WHERE ";
 
 #[derive(Debug, clickhouse::Row, Deserialize)]
 struct SummaryRow {
     requests: u64,
     errors: u64,
     client_errors: u64,
-    latency_quantiles: Vec<f64>,
     bytes_in: u64,
     bytes_out: u64,
     cache_hits: u64,
     cache_misses: u64,
+    latency_quantiles: Vec<f64>,
 }
 
 /// Traffic totals for a time range.
@@ -65,6 +53,9 @@ pub struct Summary {
     /// `cache_hits / (cache_hits + cache_misses)`; null when no request was looked up in the
     /// cache. Stale, revalidated, bypassed and uncacheable requests count in neither.
     pub cache_hit_ratio: Option<f64>,
+    /// The table that answered: a rollup when `from` and `to` fall on its bucket boundaries
+    /// (whole minutes or hours), raw rows otherwise.
+    pub source: Source,
 }
 
 /// Total request duration quantiles in microseconds (ClickHouse `quantiles`, approximate on large
@@ -96,15 +87,18 @@ pub async fn summary(
     let Query(pairs) =
         query.map_err(|rejection| ApiError::InvalidParameter { field: None, message: rejection.body_text() })?;
     let filter = AnalyticsFilter::from_pairs(&pairs, OffsetDateTime::now_utc())?;
-    let clause = filter.where_clause();
-    let sql = format!("{SUMMARY_SELECT}{}", clause.sql);
+    let source = Source::for_range(&filter.range);
+    let clause = filter.where_clause_on(source.time_column());
+    let sql = format!("SELECT {} FROM {} WHERE {}", source.aggregates(), source.table(), clause.sql);
     let row: SummaryRow = super::fetch_one(clause.bind_to(state.clickhouse.query(&sql))).await?;
-    Ok(Json(Summary::from_row(&filter, row)))
+    Ok(Json(Summary::from_row(&filter, source, row)))
 }
 
 impl Summary {
-    fn from_row(filter: &AnalyticsFilter, row: SummaryRow) -> Self {
-        let quantile = |index: usize| row.latency_quantiles.get(index).copied().filter(|value| value.is_finite());
+    fn from_row(filter: &AnalyticsFilter, source: Source, row: SummaryRow) -> Self {
+        let quantile = |index: usize| {
+            row.latency_quantiles.get(index).copied().filter(|value| value.is_finite() && row.requests > 0)
+        };
         let cache_lookups = row.cache_hits + row.cache_misses;
         Self {
             from: filter.range.from(),
@@ -121,12 +115,9 @@ impl Summary {
             cache_hits: row.cache_hits,
             cache_misses: row.cache_misses,
             cache_hit_ratio: ratio(row.cache_hits, cache_lookups),
+            source,
         }
     }
-}
-
-fn ratio(part: u64, whole: u64) -> Option<f64> {
-    (whole > 0).then(|| part as f64 / whole as f64)
 }
 
 #[cfg(test)]
@@ -155,7 +146,7 @@ mod tests {
 
     #[test]
     fn ratios_come_from_the_counts() -> Result<(), ApiError> {
-        let summary = Summary::from_row(&filter()?, row(60, 15, 3, 1, vec![1.0, 2.0, 3.0, 4.0]));
+        let summary = Summary::from_row(&filter()?, Source::Raw, row(60, 15, 3, 1, vec![1.0, 2.0, 3.0, 4.0]));
         assert_eq!(summary.requests_per_second, 0.1);
         assert_eq!(summary.error_rate, 0.25);
         assert_eq!(summary.cache_hit_ratio, Some(0.75));
@@ -168,7 +159,7 @@ mod tests {
 
     #[test]
     fn an_empty_range_has_no_ratios_to_divide_by_zero() -> Result<(), ApiError> {
-        let summary = Summary::from_row(&filter()?, row(0, 0, 0, 0, vec![f64::NAN; 4]));
+        let summary = Summary::from_row(&filter()?, Source::Raw, row(0, 0, 0, 0, vec![f64::NAN; 4]));
         assert_eq!(summary.error_rate, 0.0);
         assert_eq!(summary.cache_hit_ratio, None);
         assert_eq!(summary.latency_us.p99, None);

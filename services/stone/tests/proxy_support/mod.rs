@@ -76,6 +76,7 @@ pub fn route_spec(name: &str, paths: &[&str], upstream: &str) -> RouteSpec {
         priority: 0,
         retries: None,
         max_body_bytes: None,
+        cache: None,
     }
 }
 
