@@ -10,6 +10,7 @@
 
 pub mod analytics;
 pub mod auth;
+pub mod cache_purge;
 pub mod config;
 pub mod error;
 pub mod metrics;
@@ -127,7 +128,14 @@ pub async fn build(config: &StoneConfig, shutdown: &Shutdown) -> anyhow::Result<
         namespace: config.namespace(),
         partitions: config.partitions,
     };
+    let purge_state = cache_purge::PurgeState {
+        app: state.clone(),
+        js: stream_state.js.clone(),
+        namespace: config.namespace(),
+        partitions: config.partitions,
+    };
     let app = router(state)
+        .merge(cache_purge::routes(purge_state))
         .merge(streams::routes(stream_state))
         .merge(workers::routes(workers_state))
         .merge(analytics::projections::routes(projections_state));

@@ -23,7 +23,8 @@ use crate::error::{ErrorBody, ErrorDetail};
         crate::analytics::health::timeline,
         crate::analytics::projections::projections,
         crate::streams::stream_events,
-        crate::workers::list_workers
+        crate::workers::list_workers,
+        crate::cache_purge::purge
     ),
     components(schemas(
         Summary,
@@ -32,6 +33,8 @@ use crate::error::{ErrorBody, ErrorDetail};
         ErrorDetail,
         crate::workers::Worker,
         crate::workers::WorkerList,
+        crate::cache_purge::PurgeRequest,
+        crate::cache_purge::PurgeAccepted,
         crate::analytics::source::Source,
         crate::analytics::source::Metrics,
         crate::analytics::timeseries::Timeseries,
@@ -53,7 +56,8 @@ use crate::error::{ErrorBody, ErrorDetail};
         (name = "health", description = "Upstream target health from health events"),
         (name = "projections", description = "How far each projection is behind the stream"),
         (name = "streams", description = "Live, resumable event streams (Server-Sent Events)"),
-        (name = "fleet", description = "Proxy workers and their state")
+        (name = "fleet", description = "Proxy workers and their state"),
+        (name = "cache", description = "The proxies' response cache")
     )
 )]
 struct ApiDoc;
