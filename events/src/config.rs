@@ -198,6 +198,12 @@ pub struct ApiKeyHash {
     pub sha256: String,
 }
 
+/// The public id of a presented API key (`sk_<id>_<secret>`), for finding its hash.
+pub fn api_key_id(presented: &str) -> Option<&str> {
+    let (id, secret) = presented.strip_prefix("sk_")?.split_once('_')?;
+    (!id.is_empty() && !secret.is_empty()).then_some(id)
+}
+
 /// Lower-case hex SHA-256 of a secret (API keys, admin tokens). Keys carry 256 random bits, so a
 /// plain fast hash is enough: there is nothing to brute-force.
 pub fn sha256_hex(secret: &str) -> String {
@@ -214,8 +220,8 @@ pub struct PolicySpec {
     /// [`EntitySpec`] (`"kind": "policy"`), and one object cannot carry two `kind` keys.
     #[serde(rename = "type")]
     pub policy_type: String,
-    /// Routes the policy applies to (like a plugin attached to routes); empty applies it to none
-    /// until a route is named.
+    /// Routes the policy applies to (like a plugin attached to routes); empty applies it to every
+    /// route (a global policy).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub routes: Vec<String>,
     /// Settings of the policy kind.
@@ -507,6 +513,19 @@ impl ConfigState {
             .collect()
     }
 
+    /// The consumer a presented API key belongs to, checked against the stored hash. Linear in
+    /// the consumers; a worker that checks keys per request should index them by key id.
+    pub fn consumer_by_api_key(&self, presented: &str) -> Option<&ConsumerSpec> {
+        let id = api_key_id(presented)?;
+        let hash = sha256_hex(presented);
+        self.of_kind(EntityKind::Consumer).find_map(|entity| match &entity.spec {
+            EntitySpec::Consumer(consumer) => {
+                consumer.api_keys.iter().any(|key| key.id == id && key.sha256 == hash).then_some(consumer)
+            }
+            _ => None,
+        })
+    }
+
     /// Change sets still waiting for members.
     pub fn incomplete_change_sets(&self) -> usize {
         self.pending_sets.len()
@@ -552,6 +571,21 @@ mod fold_tests {
         assert_eq!(state.apply(2, upsert("b", 1, Some((set, 1, 2)))).len(), 2);
         assert_eq!(state.len(), 2);
         assert_eq!(state.applied_seq, 2);
+    }
+
+    #[test]
+    fn api_keys_are_found_by_id_and_hash() {
+        let key = "sk_abc123_secretsecret";
+        let mut change = upsert("acme", 1, None);
+        if let Some(EntitySpec::Consumer(consumer)) = &mut change.spec {
+            consumer.api_keys.push(ApiKeyHash { id: "abc123".to_owned(), sha256: sha256_hex(key) });
+        }
+        let mut state = ConfigState::default();
+        state.apply(1, change);
+        assert_eq!(state.consumer_by_api_key(key).map(|consumer| consumer.name.as_str()), Some("acme"));
+        assert!(state.consumer_by_api_key("sk_abc123_wrong").is_none());
+        assert!(state.consumer_by_api_key("sk_other_secretsecret").is_none());
+        assert_eq!(api_key_id("nope"), None);
     }
 
     #[test]

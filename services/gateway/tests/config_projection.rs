@@ -6,7 +6,7 @@
 
 mod config_support;
 
-use config_support::{ConfigApp, TestResult, create_database, drop_database, unique};
+use config_support::{ConfigApp, TestResult};
 use hyper::Method;
 use proptest::prelude::*;
 use proptest::test_runner::{Config as ProptestConfig, TestCaseError, TestRunner};
@@ -166,12 +166,12 @@ async fn a_projection_rebuilt_from_the_stream_equals_the_live_one() -> TestResul
     assert_projection_is_the_fold(&app, &app.pool).await?;
 
     // A second projector on an empty database, from the same stream.
-    let rebuilt_database = unique("cfg_rebuilt_");
-    create_database(&rebuilt_database).await?;
-    let mut rebuilt_config = app.config.clone();
-    rebuilt_config.database_url = app.config.database_url.replace(&app.database, &rebuilt_database);
+    let rebuilt_config = stone_kit::testing::isolated("cfgrb");
+    stone_kit::testing::create_database(&rebuilt_config).await?;
+    // Its own database, the live stream.
+    let projector_config = stone_kit::StoneConfig { namespace: app.config.namespace.clone(), ..rebuilt_config.clone() };
     let rebuilt_shutdown = stone_kit::Shutdown::new();
-    stone_config_projector::build(&rebuilt_config, &rebuilt_shutdown).await?;
+    stone_config_projector::build(&projector_config, &rebuilt_shutdown).await?;
     let rebuilt = PgPool::connect(&rebuilt_config.database_url).await?;
     app.wait_projected(&rebuilt, app.last_seq().await?).await?;
     assert_eq!(
@@ -195,7 +195,8 @@ async fn a_projection_rebuilt_from_the_stream_equals_the_live_one() -> TestResul
 
     let _ = rebuilt_shutdown.drain(std::time::Duration::from_secs(5)).await;
     rebuilt.close().await;
-    drop_database(&rebuilt_database).await;
+    // Its namespace has no streams: this drops only the rebuilt database.
+    stone_kit::testing::cleanup(&rebuilt_config).await;
     app.finish().await;
     Ok(())
 }

@@ -163,7 +163,8 @@ pub async fn snapshot(
     Ok(([seq_header(checkpoint)], Json(Snapshot { as_of_seq, document })).into_response())
 }
 
-/// The current configuration in the `stone apply` format (without API keys).
+/// The current configuration in the `stone apply` format (without API keys), including every
+/// change accepted so far (it waits for the projection to catch up with the ledger).
 #[utoipa::path(
     get, path = "/v1/config/export", tag = "config", params(ReadQuery),
     responses((status = 200, description = "the configuration document", body = Object)),
@@ -177,7 +178,13 @@ pub async fn export(
 ) -> Result<Response, ConfigApiError> {
     let context = context(&state)?;
     let Query(query) = query.map_err(query_error)?;
-    let checkpoint = read::wait_for(&context.pool, min_seq(query.min_seq, &headers)?).await?;
+    // An export is the document `stone apply` compares with, so by default it includes every
+    // change the ledger has accepted, not only what the projection had applied by chance.
+    let wanted = match min_seq(query.min_seq, &headers)? {
+        0 => context.ledger.current().await?.last_seq,
+        explicit => explicit,
+    };
+    let checkpoint = read::wait_for(&context.pool, wanted).await?;
     let records = read::entities(&context.pool, None).await?;
     let specs = records
         .iter()

@@ -16,7 +16,9 @@ impl Modify for BearerScheme {
         let components = openapi.components.get_or_insert_with(Default::default);
         let scheme = HttpBuilder::new()
             .scheme(HttpAuthScheme::Bearer)
-            .description(Some("A token from `stone token create` (or the one `stone dev` prints); scopes read < write < admin"))
+            .description(Some(
+                "A token from `stone token create` (or the one `stone dev` prints); scopes read < write < admin",
+            ))
             .build();
         components.add_security_scheme("bearer", SecurityScheme::Http(scheme));
     }

@@ -18,42 +18,11 @@ use sqlx::PgPool;
 use stone_events::config::ConfigState;
 use stone_gateway::auth::{Scope, create_token};
 use stone_kit::{Shutdown, StoneConfig};
-use uuid::Uuid;
 
 pub type TestResult<T = ()> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
 
-fn env_or(key: &str, default: &str) -> String {
-    std::env::var(key).unwrap_or_else(|_| default.to_owned())
-}
-
-/// The Postgres server URL without a database.
-fn postgres_server() -> String {
-    let url = env_or("STONE_DATABASE_URL", "postgres://postgres@127.0.0.1:5432/postgres");
-    url.rsplit_once('/').map(|(server, _)| server.to_owned()).unwrap_or(url)
-}
-
-pub async fn create_database(name: &str) -> TestResult {
-    let admin = PgPool::connect(&format!("{}/postgres", postgres_server())).await?;
-    sqlx::query(&format!("CREATE DATABASE {name}")).execute(&admin).await?;
-    admin.close().await;
-    Ok(())
-}
-
-pub async fn drop_database(name: &str) {
-    if let Ok(admin) = PgPool::connect(&format!("{}/postgres", postgres_server())).await {
-        let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).execute(&admin).await;
-        admin.close().await;
-    }
-}
-
-pub fn unique(prefix: &str) -> String {
-    let id = Uuid::now_v7().simple().to_string();
-    format!("{prefix}{}", &id[id.len() - 12..])
-}
-
 pub struct ConfigApp {
     pub config: StoneConfig,
-    pub database: String,
     pub shutdown: Shutdown,
     pub projector: Shutdown,
     pub base: String,
@@ -82,19 +51,8 @@ impl Answer {
 
 impl ConfigApp {
     pub async fn spawn() -> TestResult<Self> {
-        let database = unique("cfg_");
-        create_database(&database).await?;
-        let mut config = StoneConfig {
-            namespace: unique("c"),
-            nats_url: env_or("STONE_NATS_URL", "nats://127.0.0.1:4222"),
-            database_url: format!("{}/{database}", postgres_server()),
-            clickhouse_url: env_or("STONE_CLICKHOUSE_URL", "http://127.0.0.1:8123"),
-            shutdown_grace_ms: 5_000,
-            ..StoneConfig::default()
-        };
-        config.gateway.listen = "127.0.0.1:0".parse()?;
-        // JetStream reserves max_bytes per stream up front; tests write a handful of events.
-        config.events.max_bytes = 64 * 1024 * 1024;
+        let config = stone_kit::testing::isolated("cfg");
+        stone_kit::testing::create_database(&config).await?;
         let shutdown = Shutdown::new();
         let gateway = stone_gateway::build(&config, &shutdown).await?;
         let projector = Shutdown::new();
@@ -105,7 +63,6 @@ impl ConfigApp {
         Ok(Self {
             base: format!("http://{}", gateway.local_addr()),
             config,
-            database,
             shutdown,
             projector,
             http: Client::builder(TokioExecutor::new()).build_http(),
@@ -210,9 +167,6 @@ impl ConfigApp {
         let _ = self.projector.drain(Duration::from_secs(5)).await;
         let _ = self.shutdown.drain(Duration::from_secs(5)).await;
         self.pool.close().await;
-        for base in ["EVENTS", "CONFIG", "DEADLETTER"] {
-            let _ = self.js.delete_stream(self.config.namespace().stream_name(base)).await;
-        }
-        drop_database(&self.database).await;
+        stone_kit::testing::cleanup(&self.config).await;
     }
 }
