@@ -120,6 +120,8 @@ pub struct Route {
     pub retries: u32,
     /// Body size bound of this route, if it lowers the worker's.
     pub max_body_bytes: Option<u64>,
+    /// The route's response cache policy; `None` when the route does not cache.
+    pub cache: Option<Arc<crate::cache::CachePolicy>>,
 }
 
 /// One (route, path pattern) pair; a route with several paths has several entries.
@@ -254,6 +256,12 @@ fn compile_route(spec: &RouteSpec, upstreams: &HashMap<String, Arc<Upstream>>) -
         priority: spec.priority,
         retries: spec.retries.unwrap_or(1),
         max_body_bytes: spec.max_body_bytes,
+        cache: match spec.cache.as_deref() {
+            Some(cache) if cache.enabled => {
+                Some(Arc::new(crate::cache::CachePolicy::compile(cache).map_err(|message| fail("cache", message))?))
+            }
+            _ => None,
+        },
     })
 }
 

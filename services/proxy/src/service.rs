@@ -2,7 +2,7 @@
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -21,10 +21,12 @@ use stone_events::request::{CacheStatus, ErrorKind, RequestCompleted};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
+use crate::balancer::{Target, Upstream};
 use crate::body::{BodyTooLarge, Completion, CountingBody, MeteredBody, ProxyBody, micros};
+use crate::cache::{Cache, CachePolicy, CacheRequest, Fetcher};
 use crate::emitter::EventSink;
 use crate::health::HealthReporter;
-use crate::routing::RouteTable;
+use crate::routing::{Route, RouteTable};
 
 type UpstreamBody = Either<CountingBody<Incoming>, Empty<Bytes>>;
 type UpstreamClient = Client<HttpConnector, UpstreamBody>;
@@ -101,6 +103,8 @@ struct Shared {
     in_flight: AtomicU64,
     health: HealthReporter,
     retry_budget: RetryBudget,
+    /// The response cache, for routes with a cache policy.
+    cache: Option<Cache>,
 }
 
 /// The proxy's request handler; clones share state.
@@ -135,7 +139,25 @@ impl ProxyService {
                 settings,
                 in_flight: AtomicU64::new(0),
                 health,
+                cache: None,
             }),
+        }
+    }
+
+    /// Adds the response cache; call before the service is cloned (it is shared state).
+    pub fn with_cache(mut self, cache: Cache) -> Self {
+        if let Some(shared) = Arc::get_mut(&mut self.shared) {
+            shared.cache = Some(cache);
+        }
+        self
+    }
+
+    /// Where the cache sends its events: the request events' sink, source and config version.
+    pub fn cache_events(&self) -> crate::cache::CacheEvents {
+        crate::cache::CacheEvents {
+            sink: self.shared.sink.clone(),
+            source: Arc::clone(&self.shared.settings.worker_id),
+            config_seq: Arc::clone(&self.shared.config_seq),
         }
     }
 
@@ -297,100 +319,58 @@ impl ProxyService {
             Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
         );
         let timeout = route.timeout.unwrap_or(shared.settings.default_timeout);
+        let exchange = Exchange {
+            upstream: &upstream,
+            upstream_path: &upstream_path,
+            hash_key: hash_key.as_deref(),
+            timeout,
+            retries: route.retries,
+            replayable,
+            idempotent,
+            body_limit,
+            bytes_in: &bytes_in,
+        };
 
-        let mut tried: Vec<usize> = Vec::new();
-        let (index, target, upstream_response) = loop {
-            let Some((index, target)) = upstream.pick(hash_key.as_deref(), &tried) else {
-                let (status, kind, message) = if tried.is_empty() {
-                    (StatusCode::BAD_GATEWAY, ErrorKind::NoHealthyTarget, "no upstream target available")
-                } else {
-                    (
-                        StatusCode::BAD_GATEWAY,
-                        completion.data.error.unwrap_or(ErrorKind::UpstreamConnect),
-                        "upstream unavailable",
-                    )
-                };
-                return local_response(completion, status, kind, message);
+        if let (Some(cache), Some(policy)) = (&shared.cache, &route.cache)
+            && matches!(parts.method, Method::GET | Method::HEAD)
+            && replayable
+            && client_upgrade.is_none()
+        {
+            let cached = CachedExchange {
+                route: Arc::clone(&route),
+                policy: Arc::clone(policy),
+                host,
+                hash_key: hash_key.clone(),
+                upstream_path: upstream_path.clone(),
+                timeout,
+                body_limit,
             };
-            tried.push(index);
-            completion.data.target = Some(target.url.clone());
-            let path_and_query = match parts.uri.query() {
-                Some(query) => format!("{}{upstream_path}?{query}", target.base_path),
-                None => format!("{}{upstream_path}", target.base_path),
-            };
-            let Ok(uri) = Uri::builder()
-                .scheme(target.scheme.clone())
-                .authority(target.authority.clone())
-                .path_and_query(path_and_query)
-                .build()
-            else {
-                return local_response(
-                    completion,
-                    StatusCode::BAD_REQUEST,
-                    ErrorKind::BadRequest,
-                    "request path cannot be forwarded",
-                );
-            };
-            let mut attempt_parts = parts.clone();
-            attempt_parts.uri = uri;
-            if let Ok(authority) = HeaderValue::from_str(target.authority.as_str()) {
-                attempt_parts.headers.insert(header::HOST, authority);
-            }
-            let attempt_body = match body.take() {
-                Some(streaming) => Either::Left(streaming),
-                None => Either::Right(Empty::new()),
-            };
-            target.health.in_flight.fetch_add(1, Ordering::Relaxed);
-            completion.upstream_started = Some(Instant::now());
-            let outcome =
-                tokio::time::timeout(timeout, shared.client.request(Request::from_parts(attempt_parts, attempt_body)))
-                    .await;
-            let failure = match outcome {
-                Ok(Ok(response)) => break (index, target, response),
-                Ok(Err(error)) => {
-                    if error.source().is_some_and(|source| source.is::<BodyTooLarge>())
-                        || bytes_in.load(Ordering::Relaxed) > body_limit
-                    {
-                        target.health.in_flight.fetch_sub(1, Ordering::Relaxed);
-                        return local_response(
-                            completion,
-                            StatusCode::PAYLOAD_TOO_LARGE,
-                            ErrorKind::BadRequest,
-                            "request body is larger than this route accepts",
-                        );
-                    }
-                    let connect = error.is_connect();
-                    tracing::debug!(%error, target = %target.url, "upstream request failed");
-                    (if connect { ErrorKind::UpstreamConnect } else { ErrorKind::UpstreamReset }, connect)
-                }
-                Err(_) => (ErrorKind::UpstreamTimeout, false),
-            };
-            target.health.in_flight.fetch_sub(1, Ordering::Relaxed);
-            let (kind, connect_failed) = failure;
-            shared.health.record_failure(&upstream, target, kind.as_str());
-            completion.data.error = Some(kind);
-            if kind == ErrorKind::UpstreamTimeout {
-                return local_response(completion, StatusCode::GATEWAY_TIMEOUT, kind, "upstream timed out");
-            }
-            // A connect failure never reached the upstream; a reset may have, so only methods
-            // that are safe to repeat are retried after one. A streamed body is gone either way.
-            let safe = replayable && (connect_failed || idempotent);
-            let attempts_left = tried.len() <= route.retries as usize;
-            if !(safe && attempts_left && shared.retry_budget.try_withdraw()) {
-                return local_response(completion, StatusCode::BAD_GATEWAY, kind, "upstream unavailable");
-            }
-            metrics::counter!("stone_proxy_retries_total").increment(1);
+            return self.serve_cached(cache, cached, parts, completion).await;
+        }
+        let invalidation = match (&shared.cache, &route.cache) {
+            (Some(cache), Some(_)) => Some((cache.clone(), parts.method.clone(), parts.uri.clone())),
+            _ => None,
+        };
+
+        let mut trace = AttemptTrace::default();
+        let outcome = self.forward(&exchange, &parts, body.take(), &mut trace).await;
+        completion.data.target = trace.target;
+        completion.upstream_started = trace.upstream_started;
+        completion.data.error = trace.error;
+        let (target, upstream_response) = match outcome {
+            Ok(exchanged) => exchanged,
+            Err(failure) => return local_response(completion, failure.status, failure.kind, failure.message),
         };
         completion.data.error = None;
         completion.target_health = Some(Arc::clone(&target.health));
-
         let status = upstream_response.status();
-        if matches!(status, StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE | StatusCode::GATEWAY_TIMEOUT) {
-            shared.health.record_failure(&upstream, target, &format!("status {}", status.as_u16()));
-        } else {
-            shared.health.record_success(&upstream, target);
+        self.record_upstream_status(&upstream, target, status);
+        if let Some((cache, method, uri)) = invalidation {
+            // RFC 9111 §4.4: a successful unsafe method invalidates what is stored for the URI.
+            let headers = upstream_response.headers().clone();
+            let host = host.clone();
+            tokio::spawn(async move { cache.invalidate_after(&host, &method, &uri, status, &headers).await });
         }
-        let _ = index;
 
         let (mut parts, body) = upstream_response.into_parts();
         if status == StatusCode::SWITCHING_PROTOCOLS
@@ -408,6 +388,239 @@ impl ProxyService {
         completion.data.status = parts.status.as_u16();
         completion.ttfb_us = Some(micros(started.elapsed()));
         Response::from_parts(parts, MeteredBody::new(body.boxed(), completion).boxed())
+    }
+}
+
+/// What one upstream exchange needs besides the request.
+struct Exchange<'a> {
+    upstream: &'a Arc<Upstream>,
+    upstream_path: &'a str,
+    hash_key: Option<&'a [u8]>,
+    timeout: Duration,
+    retries: u32,
+    /// The body is complete (or absent), so the request can be sent again.
+    replayable: bool,
+    idempotent: bool,
+    body_limit: u64,
+    bytes_in: &'a AtomicU64,
+}
+
+/// What the attempts of an exchange leave for the request's event.
+#[derive(Debug, Default, Clone)]
+struct AttemptTrace {
+    target: Option<String>,
+    upstream_started: Option<Instant>,
+    error: Option<ErrorKind>,
+}
+
+/// Why an exchange produced no upstream response, as the client will be told.
+#[derive(Debug, Clone, Copy)]
+struct Failure {
+    status: StatusCode,
+    kind: ErrorKind,
+    message: &'static str,
+}
+
+impl Failure {
+    fn new(status: StatusCode, kind: ErrorKind, message: &'static str) -> Self {
+        Self { status, kind, message }
+    }
+}
+
+/// A GET or HEAD of a caching route, owned so that the cache can fetch again later
+/// (background revalidation).
+struct CachedExchange {
+    route: Arc<Route>,
+    policy: Arc<CachePolicy>,
+    host: String,
+    hash_key: Option<Vec<u8>>,
+    upstream_path: String,
+    timeout: Duration,
+    body_limit: u64,
+}
+
+impl ProxyService {
+    /// Sends the request to a target of the upstream, trying another target where a retry is
+    /// safe and the retry budget allows.
+    async fn forward<'a>(
+        &self,
+        exchange: &Exchange<'a>,
+        parts: &http::request::Parts,
+        mut body: Option<CountingBody<Incoming>>,
+        trace: &mut AttemptTrace,
+    ) -> Result<(&'a Target, Response<Incoming>), Failure> {
+        let shared = &self.shared;
+        let upstream = exchange.upstream;
+        let mut tried: Vec<usize> = Vec::new();
+        loop {
+            let Some((index, target)) = upstream.pick(exchange.hash_key, &tried) else {
+                return Err(if tried.is_empty() {
+                    Failure::new(StatusCode::BAD_GATEWAY, ErrorKind::NoHealthyTarget, "no upstream target available")
+                } else {
+                    Failure::new(
+                        StatusCode::BAD_GATEWAY,
+                        trace.error.unwrap_or(ErrorKind::UpstreamConnect),
+                        "upstream unavailable",
+                    )
+                });
+            };
+            tried.push(index);
+            trace.target = Some(target.url.clone());
+            let upstream_path = exchange.upstream_path;
+            let path_and_query = match parts.uri.query() {
+                Some(query) => format!("{}{upstream_path}?{query}", target.base_path),
+                None => format!("{}{upstream_path}", target.base_path),
+            };
+            let Ok(uri) = Uri::builder()
+                .scheme(target.scheme.clone())
+                .authority(target.authority.clone())
+                .path_and_query(path_and_query)
+                .build()
+            else {
+                return Err(Failure::new(
+                    StatusCode::BAD_REQUEST,
+                    ErrorKind::BadRequest,
+                    "request path cannot be forwarded",
+                ));
+            };
+            let mut attempt_parts = parts.clone();
+            attempt_parts.uri = uri;
+            if let Ok(authority) = HeaderValue::from_str(target.authority.as_str()) {
+                attempt_parts.headers.insert(header::HOST, authority);
+            }
+            let attempt_body = match body.take() {
+                Some(streaming) => Either::Left(streaming),
+                None => Either::Right(Empty::new()),
+            };
+            target.health.in_flight.fetch_add(1, Ordering::Relaxed);
+            trace.upstream_started = Some(Instant::now());
+            let outcome = tokio::time::timeout(
+                exchange.timeout,
+                shared.client.request(Request::from_parts(attempt_parts, attempt_body)),
+            )
+            .await;
+            let failure = match outcome {
+                Ok(Ok(response)) => return Ok((target, response)),
+                Ok(Err(error)) => {
+                    if error.source().is_some_and(|source| source.is::<BodyTooLarge>())
+                        || exchange.bytes_in.load(Ordering::Relaxed) > exchange.body_limit
+                    {
+                        target.health.in_flight.fetch_sub(1, Ordering::Relaxed);
+                        return Err(Failure::new(
+                            StatusCode::PAYLOAD_TOO_LARGE,
+                            ErrorKind::BadRequest,
+                            "request body is larger than this route accepts",
+                        ));
+                    }
+                    let connect = error.is_connect();
+                    tracing::debug!(%error, target = %target.url, "upstream request failed");
+                    (if connect { ErrorKind::UpstreamConnect } else { ErrorKind::UpstreamReset }, connect)
+                }
+                Err(_) => (ErrorKind::UpstreamTimeout, false),
+            };
+            target.health.in_flight.fetch_sub(1, Ordering::Relaxed);
+            let (kind, connect_failed) = failure;
+            shared.health.record_failure(upstream, target, kind.as_str());
+            trace.error = Some(kind);
+            if kind == ErrorKind::UpstreamTimeout {
+                return Err(Failure::new(StatusCode::GATEWAY_TIMEOUT, kind, "upstream timed out"));
+            }
+            // A connect failure never reached the upstream; a reset may have, so only methods
+            // that are safe to repeat are retried after one. A streamed body is gone either way.
+            let safe = exchange.replayable && (connect_failed || exchange.idempotent);
+            let attempts_left = tried.len() <= exchange.retries as usize;
+            if !(safe && attempts_left && shared.retry_budget.try_withdraw()) {
+                return Err(Failure::new(StatusCode::BAD_GATEWAY, kind, "upstream unavailable"));
+            }
+            metrics::counter!("stone_proxy_retries_total").increment(1);
+        }
+    }
+
+    /// Passive health from the upstream's status: gateway errors count as failures.
+    fn record_upstream_status(&self, upstream: &Upstream, target: &Target, status: StatusCode) {
+        if matches!(status, StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE | StatusCode::GATEWAY_TIMEOUT) {
+            self.shared.health.record_failure(upstream, target, &format!("status {}", status.as_u16()));
+        } else {
+            self.shared.health.record_success(upstream, target);
+        }
+    }
+
+    /// Answers a GET or HEAD of a caching route through the cache; the cache calls back into
+    /// [`Self::forward`] when it needs the upstream.
+    async fn serve_cached(
+        &self,
+        cache: &Cache,
+        exchange: CachedExchange,
+        parts: http::request::Parts,
+        mut completion: Completion,
+    ) -> Response<ProxyBody> {
+        let trace: Arc<Mutex<AttemptTrace>> = Arc::default();
+        let exchange = Arc::new(exchange);
+        let fetcher: Fetcher = {
+            let (service, exchange, trace) = (self.clone(), Arc::clone(&exchange), Arc::clone(&trace));
+            Arc::new(move |parts: http::request::Parts| {
+                let (service, exchange, trace) = (service.clone(), Arc::clone(&exchange), Arc::clone(&trace));
+                Box::pin(async move {
+                    let bytes_in = AtomicU64::new(0);
+                    let attempt = Exchange {
+                        upstream: &exchange.route.upstream,
+                        upstream_path: &exchange.upstream_path,
+                        hash_key: exchange.hash_key.as_deref(),
+                        timeout: exchange.timeout,
+                        retries: exchange.route.retries,
+                        replayable: true,
+                        idempotent: true,
+                        body_limit: exchange.body_limit,
+                        bytes_in: &bytes_in,
+                    };
+                    let mut attempt_trace = AttemptTrace::default();
+                    let outcome = service.forward(&attempt, &parts, None, &mut attempt_trace).await;
+                    if let Ok(mut shared_trace) = trace.lock() {
+                        *shared_trace = attempt_trace;
+                    }
+                    let (target, response) = outcome.map_err(|failure| failure.kind)?;
+                    service.record_upstream_status(&exchange.route.upstream, target, response.status());
+                    // The cache may read the body long after the client is gone (a stored
+                    // miss, a background refresh): the target's in-flight slot ends here.
+                    target.health.in_flight.fetch_sub(1, Ordering::Relaxed);
+                    let (mut head, body) = response.into_parts();
+                    strip_hop_by_hop(&mut head.headers);
+                    Ok(Response::from_parts(head, body.boxed()))
+                })
+            })
+        };
+        let request = CacheRequest {
+            route: exchange.route.name.clone(),
+            policy: Arc::clone(&exchange.policy),
+            host: exchange.host.clone(),
+            consumer: completion.data.consumer.clone(),
+        };
+        let served = cache.serve(request, parts, fetcher).await;
+        if let Ok(attempt) = trace.lock() {
+            completion.data.target = attempt.target.clone();
+            completion.upstream_started = attempt.upstream_started;
+        }
+        let served = match served {
+            Ok(served) => served,
+            Err(ErrorKind::UpstreamTimeout) => {
+                return local_response(
+                    completion,
+                    StatusCode::GATEWAY_TIMEOUT,
+                    ErrorKind::UpstreamTimeout,
+                    "upstream timed out",
+                );
+            }
+            Err(kind) => return local_response(completion, StatusCode::BAD_GATEWAY, kind, "upstream unavailable"),
+        };
+        completion.data.cache = served.status;
+        let (mut head, body) = served.response.into_parts();
+        head.headers.append(header::VIA, VIA_VALUE.clone());
+        if let Ok(value) = HeaderValue::from_str(&completion.event_id.to_string()) {
+            head.headers.entry(&X_REQUEST_ID).or_insert(value);
+        }
+        completion.data.status = head.status.as_u16();
+        completion.ttfb_us = Some(micros(completion.started.elapsed()));
+        Response::from_parts(head, MeteredBody::new(body, completion).boxed())
     }
 }
 
