@@ -10,7 +10,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use super::{ConfigState, EntityKind, EntitySpec, HealthCheckSpec, PolicySpec, RouteSpec, UpstreamSpec};
+use super::{ConfigState, EntityKind, EntitySpec, HashOn, HealthCheckSpec, PolicySpec, RouteSpec, UpstreamSpec};
 
 /// Longest entity name; names are subject tokens and metric labels, so they stay short.
 pub const MAX_NAME_LEN: usize = 64;
@@ -18,6 +18,12 @@ pub const MAX_NAME_LEN: usize = 64;
 pub const MAX_DURATION_MS: u64 = 3_600_000;
 /// Upper bound of a target's weight.
 pub const MAX_WEIGHT: u32 = 1_000;
+/// Upper bound of body and object sizes (16 GiB).
+pub const MAX_BYTES: u64 = 16 * 1024 * 1024 * 1024;
+/// Upper bound of cache lifetimes (one year), in seconds.
+pub const MAX_TTL_SECS: u64 = 31_536_000;
+/// Upper bound of a route's retries.
+pub const MAX_RETRIES: u32 = 10;
 /// Upper bound of list sizes (targets, hosts, paths…), to keep one entity a small event.
 pub const MAX_LIST_LEN: usize = 256;
 
@@ -171,6 +177,31 @@ fn validate_upstream(upstream: &UpstreamSpec) -> Result<(), FieldError> {
     }
     if let Some(health_check) = &upstream.health_check {
         validate_health_check(health_check)?;
+    }
+    match &upstream.hash_on {
+        Some(HashOn::Header(name)) if !is_header_name(name) => {
+            return Err(FieldError::new("upstreams.hash_on.header", format!("{name:?} is not a header name")));
+        }
+        Some(HashOn::Cookie(name)) if name.is_empty() || !is_header_name(name) => {
+            return Err(FieldError::new("upstreams.hash_on.cookie", format!("{name:?} is not a cookie name")));
+        }
+        _ => {}
+    }
+    if let Some(passive) = &upstream.passive_health {
+        check_range(
+            "upstreams.passive_health.consecutive_failures",
+            u64::from(passive.consecutive_failures),
+            0,
+            1_000,
+        )?;
+        check_range("upstreams.passive_health.base_ejection_ms", passive.base_ejection_ms, 1, MAX_DURATION_MS)?;
+        let max_ejection = passive.max_ejection_ms;
+        check_range(
+            "upstreams.passive_health.max_ejection_ms",
+            max_ejection,
+            passive.base_ejection_ms,
+            24 * MAX_DURATION_MS,
+        )?;
     }
     Ok(())
 }
@@ -352,6 +383,27 @@ fn validate_route(route: &RouteSpec, after: &EntityMap) -> Result<(), FieldError
     }
     if let Some(timeout_ms) = route.timeout_ms {
         check_range("routes.timeout_ms", timeout_ms, 1, MAX_DURATION_MS)?;
+    }
+    if let Some(retries) = route.retries {
+        check_range("routes.retries", u64::from(retries), 0, u64::from(MAX_RETRIES))?;
+    }
+    if let Some(max_body_bytes) = route.max_body_bytes {
+        check_range("routes.max_body_bytes", max_body_bytes, 1, MAX_BYTES)?;
+    }
+    if let Some(cache) = &route.cache {
+        let lifetimes = [
+            ("routes.cache.default_ttl_s", cache.default_ttl_s),
+            ("routes.cache.stale_while_revalidate_s", cache.stale_while_revalidate_s),
+            ("routes.cache.stale_if_error_s", cache.stale_if_error_s),
+        ];
+        for (field, lifetime) in lifetimes {
+            if let Some(seconds) = lifetime {
+                check_range(field, seconds, 0, MAX_TTL_SECS)?;
+            }
+        }
+        if let Some(max_object_bytes) = cache.max_object_bytes {
+            check_range("routes.cache.max_object_bytes", max_object_bytes, 1, MAX_BYTES)?;
+        }
     }
     if !(-10_000..=10_000).contains(&route.priority) {
         return Err(FieldError::new("routes.priority", format!("{} is out of range -10000..=10000", route.priority)));
@@ -564,6 +616,17 @@ mod tests {
         assert_eq!(check(route_with("r", json!({"methods": ["FETCH"]}))), "routes.methods[0]");
         assert_eq!(check(route_with("r", json!({"timeout_ms": 0}))), "routes.timeout_ms");
         assert_eq!(check(route_with("r", json!({"hosts": ["bad host"]}))), "routes.hosts[0]");
+        assert_eq!(check(route_with("r", json!({"retries": 99}))), "routes.retries");
+        assert_eq!(check(route_with("r", json!({"max_body_bytes": 0}))), "routes.max_body_bytes");
+        assert_eq!(
+            check(route_with("r", json!({"cache": {"default_ttl_s": 999_999_999u64}}))),
+            "routes.cache.default_ttl_s"
+        );
+        let hashed = json!({"name": "v", "targets": [{"url": "http://a:1"}], "hash_on": {"header": "bad header"}});
+        assert_eq!(check(spec(EntityKind::Upstream, hashed)), "upstreams.hash_on.header");
+        let ejection = json!({"name": "v", "targets": [{"url": "http://a:1"}],
+            "passive_health": {"base_ejection_ms": 5000, "max_ejection_ms": 1000}});
+        assert_eq!(check(spec(EntityKind::Upstream, ejection)), "upstreams.passive_health.max_ejection_ms");
         let bad_target = json!({"name": "v", "targets": [{"url": "ftp://x"}]});
         assert_eq!(check(spec(EntityKind::Upstream, bad_target)), "upstreams.targets[0].url");
         let heavy = json!({"name": "v", "targets": [{"url": "http://x:80/base", "weight": 5000}]});
