@@ -37,6 +37,8 @@ pub enum ProjectError {
     Nats(#[from] config_stream::FollowError),
     #[error("encoding a spec: {0}")]
     Encode(#[from] serde_json::Error),
+    #[error("dead-lettering: {0}")]
+    DeadLetter(String),
 }
 
 /// A running projector's handle.
@@ -114,17 +116,48 @@ async fn project(
     while let Some(followed) = records.next().await {
         let followed = followed?;
         let stream_seq = followed.stream_seq();
-        let (applied, effective_at) = match followed {
-            Followed::Change(record) => (state.apply_tracked(stream_seq, record.envelope.data), record.envelope.time),
-            Followed::Skipped { .. } => (Vec::new(), OffsetDateTime::now_utc()),
+        let (applied, effective_at, skipped) = match followed {
+            Followed::Change(record) => {
+                (state.apply_tracked(stream_seq, record.envelope.data), record.envelope.time, None)
+            }
+            Followed::Skipped(skipped) => (Vec::new(), OffsetDateTime::now_utc(), Some(skipped)),
         };
         if stream_seq <= stored {
             continue;
+        }
+        if let Some(skipped) = skipped {
+            // Before the checkpoint moves past it, so a crash in between sends it again (the
+            // message id makes the repeat a duplicate the stream drops).
+            dead_letter(js, namespace, &skipped).await?;
         }
         write(pool, stream_seq, effective_at, &applied).await?;
         *delay = Duration::from_millis(100);
         metrics::gauge!("stone_config_projector_checkpoint").set(stream_seq as f64);
     }
+    Ok(())
+}
+
+/// Sends a CONFIG message that no reader can apply to DEADLETTER, with the reason in headers.
+async fn dead_letter(
+    js: &async_nats::jetstream::Context,
+    namespace: &Namespace,
+    skipped: &config_stream::SkippedMessage,
+) -> Result<(), ProjectError> {
+    use async_nats::jetstream::message::PublishMessage;
+    use stone_events::streams::{CONFIG, headers};
+    let source = namespace.stream_name(CONFIG);
+    let publish = PublishMessage::build()
+        .message_id(format!("{source}-config-projector-{}", skipped.stream_seq))
+        .header(headers::DEAD_LETTER_REASON, skipped.reason.as_str())
+        .header(headers::ORIGINAL_SUBJECT, skipped.subject.as_str())
+        .header(headers::ORIGINAL_SEQUENCE, skipped.stream_seq.to_string().as_str())
+        .payload(skipped.payload.clone());
+    let subject = namespace.dead_letter_subject(&source, "config-projector");
+    let failed = |error: &dyn std::fmt::Display| ProjectError::DeadLetter(error.to_string());
+    let ack = js.send_publish(subject, publish).await.map_err(|error| failed(&error))?;
+    ack.await.map_err(|error| failed(&error))?;
+    metrics::counter!("stone_config_projector_dead_letters_total", "reason" => skipped.reason_code).increment(1);
+    tracing::warn!(stream_seq = skipped.stream_seq, reason = %skipped.reason, "config event sent to the dead-letter stream");
     Ok(())
 }
 

@@ -200,3 +200,33 @@ async fn a_projection_rebuilt_from_the_stream_equals_the_live_one() -> TestResul
     app.finish().await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_undecodable_config_event_is_dead_lettered_and_blocks_nobody() -> TestResult {
+    let app = ConfigApp::spawn().await?;
+    let junk_subject = app.config.namespace().config_subject("route", "junk");
+    app.js.publish(junk_subject.clone(), "not an event".into()).await?.await?;
+    let future = json!({"id": uuid::Uuid::now_v7(), "type": "config.route.upserted", "version": 99,
+        "time": "2026-11-21T10:00:00.000000Z", "source": "future", "config_seq": 0, "data": {}});
+    app.js.publish(junk_subject, serde_json::to_vec(&future)?.into()).await?.await?;
+
+    // The write side and the projection both move past them.
+    let created = app.admin(Method::POST, "/v1/config/upstreams", Some(upstream_body(0, 0))).await?;
+    assert_eq!(created.status, hyper::StatusCode::CREATED, "{}", created.body);
+    assert_eq!(created.seq(), 3);
+    let read = app.admin(Method::GET, "/v1/config/upstreams/u0?min_seq=3", None).await?;
+    assert_eq!(read.status, hyper::StatusCode::OK, "{}", read.body);
+
+    let dead_letters = app.js.get_stream(app.config.namespace().stream_name("DEADLETTER")).await?;
+    let mut reasons = Vec::new();
+    for sequence in 1..=2 {
+        let message = dead_letters.get_raw_message(sequence).await?;
+        let reason =
+            message.headers.get(stone_events::streams::headers::DEAD_LETTER_REASON).map(|value| value.to_string());
+        reasons.push(reason.unwrap_or_default());
+    }
+    assert!(reasons[0].contains("malformed"), "{reasons:?}");
+    assert!(reasons[1].contains("newer"), "{reasons:?}");
+    app.finish().await;
+    Ok(())
+}

@@ -23,17 +23,27 @@ pub struct ConfigRecord {
 pub enum Followed {
     Change(Box<ConfigRecord>),
     /// A message that is not a decodable config change (logged and counted). Readers still
-    /// advance past it, so a checkpoint or a read-your-writes wait is never stuck behind it.
-    Skipped {
-        stream_seq: u64,
-    },
+    /// advance past it, so a checkpoint or a read-your-writes wait is never stuck behind it; the
+    /// projector sends it to DEADLETTER.
+    Skipped(Box<SkippedMessage>),
+}
+
+/// A CONFIG message no reader can apply, and why.
+#[derive(Debug, Clone)]
+pub struct SkippedMessage {
+    pub stream_seq: u64,
+    pub subject: String,
+    /// The `DecodeError` text (or why a decodable event does not belong in CONFIG).
+    pub reason: String,
+    pub reason_code: &'static str,
+    pub payload: bytes::Bytes,
 }
 
 impl Followed {
     pub fn stream_seq(&self) -> u64 {
         match self {
             Self::Change(record) => record.stream_seq,
-            Self::Skipped { stream_seq } => *stream_seq,
+            Self::Skipped(skipped) => skipped.stream_seq,
         }
     }
 }
@@ -89,18 +99,27 @@ pub async fn follow(
                 Ok(info) => info.stream_sequence,
                 Err(error) => return Err(nats_error(&stream_name, error)),
             };
+            let skipped = |reason: String, reason_code: &'static str| {
+                Followed::Skipped(Box::new(SkippedMessage {
+                    stream_seq,
+                    subject: message.subject.to_string(),
+                    reason,
+                    reason_code,
+                    payload: message.payload.clone(),
+                }))
+            };
             match stone_events::decode(&message.payload) {
                 Ok(Event::Config(envelope)) => Ok(Followed::Change(Box::new(ConfigRecord { stream_seq, envelope }))),
                 Ok(other) => {
                     tracing::warn!(stream_seq, event_type = other.event_type(), "non-config event in CONFIG, skipped");
                     metrics::counter!("stone_config_events_skipped_total", "reason" => "wrong_family").increment(1);
-                    Ok(Followed::Skipped { stream_seq })
+                    Ok(skipped(format!("{} is not a config event", other.event_type()), "wrong_family"))
                 }
                 Err(error) => {
                     tracing::warn!(stream_seq, %error, "undecodable config event, skipped");
                     metrics::counter!("stone_config_events_skipped_total", "reason" => error.reason_code())
                         .increment(1);
-                    Ok(Followed::Skipped { stream_seq })
+                    Ok(skipped(error.to_string(), error.reason_code()))
                 }
             }
         }

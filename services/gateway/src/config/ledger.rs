@@ -54,8 +54,8 @@ impl LedgerState {
     fn record(&mut self, followed: config_stream::Followed) {
         let record = match followed {
             config_stream::Followed::Change(record) => *record,
-            config_stream::Followed::Skipped { stream_seq } => {
-                self.last_seq = stream_seq;
+            config_stream::Followed::Skipped(skipped) => {
+                self.last_seq = skipped.stream_seq;
                 return;
             }
         };
