@@ -170,10 +170,80 @@ pub struct RouteSpec {
     /// Largest request body in bytes (413 beyond); default from the proxy's settings.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_body_bytes: Option<u64>,
+    /// Authentication required by this route (auth policies attached to the route apply too).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth: Option<AuthSpec>,
+    /// Rate limit of this route (rate-limit policies attached to the route apply too).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RateLimitSpec>,
     /// Response cache policy; absent means the route does not cache. Boxed: most routes have none,
     /// and specs travel in enums whose size is that of their largest variant.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cache: Option<Box<crate::cache::RouteCacheSpec>>,
+}
+
+/// How a route authenticates its consumers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum AuthSpec {
+    /// An API key of a consumer (stored hashed), from a header or a query parameter.
+    ApiKey {
+        /// Header carrying the key (default `x-api-key`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        header: Option<String>,
+        /// Query parameter carrying the key, if keys may come that way.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        query: Option<String>,
+        /// Consumers allowed on the route; empty allows every consumer with a valid key (403 otherwise).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        consumers: Vec<String>,
+    },
+    /// A JWT bearer token.
+    Jwt(JwtSpec),
+}
+
+/// JWT validation of a route: HS256 with a shared secret, RS256/ES256 with a PEM public key or a
+/// JWKS (file or URL, refreshed).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct JwtSpec {
+    /// Accepted algorithms: `HS256`, `RS256`, `ES256`.
+    pub algorithms: Vec<String>,
+    /// HS256 shared secret.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret: Option<String>,
+    /// RS256/ES256 public key, PEM.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub public_key_pem: Option<String>,
+    /// Path of a JWKS document, re-read when it changes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwks_file: Option<String>,
+    /// URL of a JWKS document, fetched periodically.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwks_url: Option<String>,
+    /// Required `iss`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub issuer: Option<String>,
+    /// Required `aud`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audience: Option<String>,
+    /// Claim naming the consumer (default `sub`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consumer_claim: Option<String>,
+    /// Consumers allowed on the route; empty allows every valid token (403 otherwise).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub consumers: Vec<String>,
+}
+
+/// A rate limit: `requests` per `window_secs`, per consumer (default), client IP or route.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitSpec {
+    pub requests: u64,
+    pub window_secs: u64,
+    /// `consumer`, `ip` or `route`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub by: Option<String>,
 }
 
 /// A consumer of the API (identified by API keys or JWT subject).

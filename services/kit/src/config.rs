@@ -161,6 +161,8 @@ pub struct ProxyConfig {
     pub max_request_body_bytes: u64,
     /// Retries allowed as a fraction of requests (plus a small floor), so retries cannot amplify an outage.
     pub retry_budget_ratio: f64,
+    /// Emit events; off only for benchmarks that compare against a proxy without logging.
+    pub emit_events: bool,
 }
 
 /// Source of a worker's routing configuration.
@@ -214,6 +216,7 @@ impl Default for ProxyConfig {
             rate_limit_timeout_ms: 50,
             max_request_body_bytes: 16 * 1024 * 1024,
             retry_budget_ratio: 0.2,
+            emit_events: true,
         }
     }
 }

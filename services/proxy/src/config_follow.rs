@@ -148,12 +148,29 @@ impl ConfigFollower {
         for orphan in &orphans {
             tracing::warn!(route = %orphan.name, upstream = %orphan.upstream, "route refers to a missing upstream; not routed");
         }
-        match RouteTable::build(&routes, &upstreams, &self.health) {
+        let consumers: Vec<_> = state
+            .of_kind(stone_events::config::EntityKind::Consumer)
+            .filter_map(|entity| match &entity.spec {
+                stone_events::config::EntitySpec::Consumer(spec) => Some(spec.clone()),
+                _ => None,
+            })
+            .collect();
+        let policies: Vec<_> = state
+            .of_kind(stone_events::config::EntityKind::Policy)
+            .filter_map(|entity| match &entity.spec {
+                stone_events::config::EntitySpec::Policy(spec) => Some(spec.clone()),
+                _ => None,
+            })
+            .collect();
+        let built = RouteTable::build(&routes, &upstreams, &self.health)
+            .and_then(|table| table.with_access(&routes, &consumers, &policies));
+        match built {
             Ok(table) => {
                 self.health.retain(&table.target_keys());
                 checks.cancel();
                 *checks = self.shutdown.child_token();
                 health::spawn_active_checks(&table, self.service.health_reporter(), checks);
+                table.access().spawn_refreshers(checks);
                 self.service.replace_table(table, state.applied_seq);
                 metrics::gauge!("stone_proxy_config_seq").set(state.applied_seq as f64);
                 tracing::info!(config_seq = state.applied_seq, routes = routes.len(), "routing table replaced");

@@ -92,11 +92,16 @@ pub struct EventSink {
     namespace: Namespace,
     partitions: u16,
     losses: Arc<LossLedger>,
+    /// `proxy.emit_events`; off only for benchmarks.
+    enabled: bool,
 }
 
 impl EventSink {
     /// Encodes and enqueues an event; if the queue is full the event is dropped and counted.
     pub fn emit<T: EventData>(&self, envelope: &Envelope<T>) {
+        if !self.enabled {
+            return;
+        }
         let payload = match envelope.to_json() {
             Ok(payload) => payload,
             Err(error) => {
@@ -135,6 +140,7 @@ pub struct EmitterSettings {
     pub drain_grace: Duration,
     pub spool_dir: PathBuf,
     pub spool_max_bytes: u64,
+    pub enabled: bool,
 }
 
 /// Creates the sink and the publisher task's future. Fails if the spool cannot be opened, so a
@@ -152,6 +158,7 @@ pub fn channel(
         namespace: settings.namespace.clone(),
         partitions: settings.partitions,
         losses: Arc::new(LossLedger::new("queue_full")),
+        enabled: settings.enabled,
     };
     let mut js = js;
     // A publish not acknowledged within this bound is treated as NATS being away: the event goes
@@ -246,6 +253,7 @@ impl Publisher {
                     namespace: self.namespace.clone(),
                     partitions: self.settings.partitions,
                     losses: Arc::clone(&self.queue_losses),
+                    enabled: true,
                 };
                 sink.emit(&Envelope::new(self.settings.worker_id.clone(), 0, report));
             }

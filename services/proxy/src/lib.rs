@@ -5,12 +5,15 @@
 //! [`build`] binds the listeners and spawns the work on the process's [`Shutdown`]; tests call it
 //! with port 0, the `stone` command with the configured addresses.
 
+pub mod access;
+pub mod auth;
 pub mod balancer;
 pub mod body;
 pub mod cache;
 pub mod config_follow;
 pub mod emitter;
 pub mod health;
+pub mod ratelimit;
 pub mod registry;
 pub mod routing;
 pub mod service;
@@ -69,6 +72,7 @@ pub async fn build(config: &StoneConfig, shutdown: &Shutdown) -> anyhow::Result<
     let from_file = config.proxy.uses_file_routes();
     let table = if from_file {
         let table = RouteTable::build(&config.proxy.routes, &config.proxy.upstreams, &health_registry)
+            .and_then(|table| table.with_access(&config.proxy.routes, &[], &[]))
             .map_err(|message| anyhow::anyhow!("invalid configuration: proxy: {message}"))?;
         if table.is_empty() {
             tracing::warn!("no routes configured: every request will get 404");
@@ -99,6 +103,7 @@ pub async fn build(config: &StoneConfig, shutdown: &Shutdown) -> anyhow::Result<
             drain_grace: config.shutdown_grace(),
             spool_dir: config.proxy.spool_dir.clone(),
             spool_max_bytes: config.proxy.spool_max_bytes,
+            enabled: config.proxy.emit_events,
         },
         shutdown.token(),
     )?;
@@ -114,6 +119,13 @@ pub async fn build(config: &StoneConfig, shutdown: &Shutdown) -> anyhow::Result<
             default_timeout: Duration::from_millis(config.proxy.upstream_timeout_ms),
             max_body_bytes: config.proxy.max_request_body_bytes,
             retry_budget_ratio: config.proxy.retry_budget_ratio,
+            limiter: ratelimit::Limiter::new(ratelimit::LimiterSettings {
+                redis_url: (!config.redis_url.is_empty()).then(|| config.redis_url.clone()),
+                timeout: Duration::from_millis(config.proxy.rate_limit_timeout_ms),
+                failure_mode: config.proxy.rate_limit_failure,
+                key_prefix: config.namespace.clone(),
+            })
+            .map_err(|message| anyhow::anyhow!("invalid configuration: {message}"))?,
         },
     );
 
@@ -135,7 +147,9 @@ pub async fn build(config: &StoneConfig, shutdown: &Shutdown) -> anyhow::Result<
     if from_file {
         readiness.set(config_follow::CONFIG_CONDITION, true);
         let checks = shutdown.token();
-        health::spawn_active_checks(&service.table(), service.health_reporter(), &checks);
+        let table = service.table();
+        health::spawn_active_checks(&table, service.health_reporter(), &checks);
+        table.access().spawn_refreshers(&checks);
     } else {
         let follower = config_follow::ConfigFollower {
             js: js.clone(),

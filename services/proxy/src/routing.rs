@@ -11,6 +11,7 @@ use std::sync::Arc;
 use http::{HeaderMap, Method};
 use stone_events::config::{RouteSpec, UpstreamSpec};
 
+use crate::access::AccessTable;
 use crate::balancer::{HealthRegistry, Upstream};
 
 /// A path pattern of a route.
@@ -143,6 +144,7 @@ pub struct RouteMatch<'a> {
 pub struct RouteTable {
     entries: Vec<Entry>,
     upstreams: HashMap<String, Arc<Upstream>>,
+    access: AccessTable,
 }
 
 impl RouteTable {
@@ -179,7 +181,7 @@ impl RouteTable {
                 .then(b.route.priority.cmp(&a.route.priority))
                 .then(a.route.name.cmp(&b.route.name))
         });
-        Ok(Self { entries, upstreams: compiled_upstreams })
+        Ok(Self { entries, upstreams: compiled_upstreams, access: AccessTable::default() })
     }
 
     /// The first entry, in specificity order, that matches the request.
@@ -202,6 +204,21 @@ impl RouteTable {
 
     pub fn upstreams(&self) -> impl Iterator<Item = &Arc<Upstream>> {
         self.upstreams.values()
+    }
+
+    /// Adds the routes' access rules (auth, rate limits) from route specs, consumers and policies.
+    pub fn with_access(
+        mut self,
+        routes: &[RouteSpec],
+        consumers: &[stone_events::config::ConsumerSpec],
+        policies: &[stone_events::config::PolicySpec],
+    ) -> Result<Self, String> {
+        self.access = AccessTable::compile(routes, consumers, policies)?;
+        Ok(self)
+    }
+
+    pub fn access(&self) -> &AccessTable {
+        &self.access
     }
 
     /// Every (upstream, target URL) of the table, to prune health state of removed targets.
@@ -303,6 +320,8 @@ mod tests {
             priority: 0,
             retries: None,
             max_body_bytes: None,
+            auth: None,
+            rate_limit: None,
             cache: None,
         }
     }

@@ -22,10 +22,11 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 use crate::balancer::{Target, Upstream};
+use crate::access::Gate;
 use crate::body::{BodyTooLarge, Completion, CountingBody, MeteredBody, ProxyBody, micros};
-use crate::cache::{Cache, CachePolicy, CacheRequest, Fetcher};
 use crate::emitter::EventSink;
 use crate::health::HealthReporter;
+use crate::cache::{Cache, CachePolicy, CacheRequest, Fetcher};
 use crate::routing::{Route, RouteTable};
 
 type UpstreamBody = Either<CountingBody<Incoming>, Empty<Bytes>>;
@@ -59,6 +60,8 @@ pub struct ServiceSettings {
     pub max_body_bytes: u64,
     /// Retries allowed per request, as a fraction.
     pub retry_budget_ratio: f64,
+    /// Rate limits (shared through Redis, or local).
+    pub limiter: crate::ratelimit::Limiter,
 }
 
 /// Retries as a budget shared by all requests: each request deposits `ratio` of a retry, each
@@ -277,6 +280,31 @@ impl ProxyService {
         completion.data.route = route.name.clone();
         completion.data.path_template = found.pattern.template();
         completion.data.upstream = Some(route.upstream.name.clone());
+        if let Some(access) = table.access().get(&route.name) {
+            let gate = crate::access::check(
+                access,
+                table.access(),
+                &shared.settings.limiter,
+                &route.name,
+                request.headers(),
+                request.uri().query(),
+                client.ip(),
+            )
+            .await;
+            match gate {
+                Gate::Pass { consumer, rate_limit } => {
+                    completion.data.consumer = consumer;
+                    completion.data.rate_limit = rate_limit;
+                }
+                Gate::Answer { status, kind, message, headers, consumer, rate_limit } => {
+                    completion.data.consumer = consumer;
+                    completion.data.rate_limit = rate_limit;
+                    let mut response = local_response(completion, status, kind, message);
+                    response.headers_mut().extend(headers);
+                    return response;
+                }
+            }
+        }
 
         let body_limit =
             route.max_body_bytes.unwrap_or(shared.settings.max_body_bytes).min(shared.settings.max_body_bytes);

@@ -32,6 +32,8 @@ fn demo_routes(upstream: SocketAddr) -> (Vec<RouteSpec>, Vec<UpstreamSpec>) {
         priority: 0,
         retries: None,
         max_body_bytes: None,
+        auth: None,
+        rate_limit: None,
         cache: None,
     };
     let routes =

@@ -10,6 +10,8 @@ use stone_kit::{Shutdown, StoneConfig};
 
 mod apply;
 mod config_cmd;
+#[path = "bench/proxy.rs"]
+mod bench_proxy;
 mod demo;
 mod dev;
 mod tail;
@@ -36,6 +38,9 @@ enum Command {
     Dev(dev::DevArgs),
     /// Follow the live event stream in the terminal (through the gateway).
     Tail(tail::TailArgs),
+    /// Benchmarks (not tests), e.g. `stone bench proxy` against nginx.
+    #[command(subcommand)]
+    Bench(BenchCommand),
     /// Run the config projector (CONFIG → Postgres state, history and checkpoint).
     ConfigProjector,
     /// Apply a declarative configuration file: show the diff, then apply it as one change set.
@@ -48,6 +53,12 @@ enum Command {
     Token(config_cmd::TokenCommand),
 }
 
+#[derive(Debug, Subcommand)]
+enum BenchCommand {
+    /// The proxy against nginx as a reverse proxy to the same upstream, as ratios.
+    Proxy(bench_proxy::ProxyBenchArgs),
+}
+
 fn main() {
     stone_kit::exit_on_error(run());
 }
@@ -58,6 +69,7 @@ fn run() -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     // Tools run once and exit; only services go through the telemetry and shutdown lifecycle.
     let command = match cli.command {
+        Command::Bench(BenchCommand::Proxy(args)) => return bench_proxy::run(&config, args),
         Command::Apply(args) => return runtime.block_on(apply::run(args)),
         Command::Config(command) => return runtime.block_on(config_cmd::run_config(command)),
         Command::Token(command) => return runtime.block_on(config_cmd::run_token(&config, command)),
@@ -71,7 +83,7 @@ fn run() -> anyhow::Result<()> {
             Command::Dev(_) => "stone-dev",
             Command::Tail(_) => "stone-tail",
             Command::ConfigProjector => "stone-config-projector",
-            Command::Apply(_) | Command::Config(_) | Command::Token(_) => "stone-tool",
+            Command::Apply(_) | Command::Config(_) | Command::Token(_) | Command::Bench(_) => "stone-tool",
         };
         let _telemetry = stone_kit::telemetry::init(&config.telemetry, service_name)?;
         let shutdown = Shutdown::new();
@@ -81,7 +93,7 @@ fn run() -> anyhow::Result<()> {
             Command::Gateway => stone_gateway::build(&config, &shutdown).await.map(|_| ()),
             Command::Dev(args) => dev::start(config.clone(), args, &shutdown).await,
             Command::ConfigProjector => stone_config_projector::build(&config, &shutdown).await.map(|_| ()),
-            Command::Apply(_) | Command::Config(_) | Command::Token(_) => Ok(()),
+            Command::Apply(_) | Command::Config(_) | Command::Token(_) | Command::Bench(_) => Ok(()),
             Command::Tail(args) => {
                 // A client command: it runs until Ctrl-C or until it fails.
                 let on_signal = shutdown.clone();

@@ -46,6 +46,8 @@ fn isolated_config(upstream: SocketAddr) -> StoneConfig {
         priority: 0,
         retries: None,
         max_body_bytes: None,
+        auth: None,
+        rate_limit: None,
         cache: None,
     }];
     config

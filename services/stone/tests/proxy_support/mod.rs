@@ -25,27 +25,15 @@ use stone_kit::{Shutdown, StoneConfig};
 pub type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-fn env_or(key: &str, default: &str) -> String {
-    std::env::var(key).unwrap_or_else(|_| default.to_owned())
-}
-
-/// A configuration isolated to one test; routes come from the stream unless the test adds some.
+/// A configuration isolated to one test (the kit's helper: own namespace, small streams, port-0
+/// listeners) plus the proxy's own: a worker id and a spool folder of its own. Routes come from
+/// the stream unless the test adds some.
 pub fn isolated_config() -> StoneConfig {
-    let unique = uuid::Uuid::now_v7().simple().to_string();
-    let suffix = &unique[unique.len() - 10..];
-    let mut config = StoneConfig {
-        namespace: format!("p{suffix}"),
-        nats_url: env_or("STONE_NATS_URL", "nats://127.0.0.1:4222"),
-        redis_url: env_or("STONE_REDIS_URL", "redis://127.0.0.1:6379"),
-        partitions: 2,
-        shutdown_grace_ms: 3_000,
-        ..StoneConfig::default()
-    };
-    let any_port = SocketAddr::from(([127, 0, 0, 1], 0));
-    config.proxy.listen = any_port;
-    config.proxy.admin_listen = any_port;
-    config.proxy.worker_id = format!("worker-{suffix}");
-    config.proxy.spool_dir = std::env::temp_dir().join(format!("stone-proxy-test-{suffix}"));
+    let mut config = stone_kit::testing::isolated("p");
+    config.partitions = 2;
+    config.shutdown_grace_ms = 3_000;
+    config.proxy.worker_id = format!("worker-{}", config.namespace);
+    config.proxy.spool_dir = std::env::temp_dir().join(format!("stone-proxy-test-{}", config.namespace));
     config
 }
 
@@ -76,6 +64,8 @@ pub fn route_spec(name: &str, paths: &[&str], upstream: &str) -> RouteSpec {
         priority: 0,
         retries: None,
         max_body_bytes: None,
+        auth: None,
+        rate_limit: None,
         cache: None,
     }
 }
@@ -246,13 +236,7 @@ where
 
 /// Removes the test's streams, KV bucket and spool folder.
 pub async fn cleanup(config: &StoneConfig) {
-    if let Ok(client) = async_nats::connect(config.nats_url.as_str()).await {
-        let js = jetstream::new(client);
-        for base in ["EVENTS", "CONFIG", "DEADLETTER"] {
-            let _ = js.delete_stream(config.namespace().stream_name(base)).await;
-        }
-        let _ = js.delete_stream(format!("KV_{}", config.namespace().bucket_name("WORKERS"))).await;
-    }
+    stone_kit::testing::cleanup(config).await;
     let _ = std::fs::remove_dir_all(&config.proxy.spool_dir);
 }
 
