@@ -10,6 +10,8 @@ use stone_kit::{Shutdown, StoneConfig};
 
 mod apply;
 mod config_cmd;
+#[path = "bench/pipeline.rs"]
+mod bench_pipeline;
 #[path = "bench/proxy.rs"]
 mod bench_proxy;
 mod demo;
@@ -57,6 +59,9 @@ enum Command {
 enum BenchCommand {
     /// The proxy against nginx as a reverse proxy to the same upstream, as ratios.
     Proxy(bench_proxy::ProxyBenchArgs),
+    /// The analytics pipeline against raw JetStream consumption, freshness through the API, and
+    /// endpoint latency, as ratios.
+    Pipeline(bench_pipeline::PipelineBenchArgs),
 }
 
 fn main() {
@@ -70,6 +75,7 @@ fn run() -> anyhow::Result<()> {
     // Tools run once and exit; only services go through the telemetry and shutdown lifecycle.
     let command = match cli.command {
         Command::Bench(BenchCommand::Proxy(args)) => return bench_proxy::run(&config, args),
+        Command::Bench(BenchCommand::Pipeline(args)) => return runtime.block_on(bench_pipeline::run(&config, args)),
         Command::Apply(args) => return runtime.block_on(apply::run(args)),
         Command::Config(command) => return runtime.block_on(config_cmd::run_config(command)),
         Command::Token(command) => return runtime.block_on(config_cmd::run_token(&config, command)),

@@ -96,20 +96,44 @@ async fn clickhouse_down_then_back_loses_nothing_and_doubles_nothing() -> TestRe
         tokio::time::sleep(Duration::from_secs(3)).await;
         assert_eq!(raw_count(&config).await, 5_000, "nothing can be written while ClickHouse is down");
 
-        // The lag is on record while the projector waits.
-        let store = js.get_key_value(config.namespace().bucket_name(stone_analytics::STATE_BUCKET)).await?;
-        let mut pending = 0;
-        for partition in 0..config.partitions {
-            if let Some(value) = store.get(stone_analytics::state::partition_key(partition)).await? {
-                let state: stone_analytics::state::PartitionState = serde_json::from_slice(&value)?;
-                pending += state.pending_events;
-                assert!(state.committed_events <= 5_000);
-            }
-        }
-        assert!(pending > 0, "pending events are reported during the outage");
+        // The lag is on record while the projector waits, and the gateway shows it.
+        let api_shutdown = Shutdown::new();
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let api = listener.local_addr()?;
+        let projections = stone_gateway::analytics::projections::ProjectionsState {
+            js: js.clone(),
+            namespace: config.namespace(),
+            partitions: config.partitions,
+        };
+        api_shutdown.spawn(stone_kit::admin::serve(
+            listener,
+            stone_gateway::analytics::projections::routes(projections),
+            api_shutdown.token(),
+        ));
+        let lag = get_json(&format!("http://{api}/v1/projections")).await?;
+        let analytics = &lag["projections"][0];
+        assert_eq!(analytics["name"], "analytics", "{lag}");
+        assert!(analytics["pending_events"].as_u64().unwrap_or(0) > 0, "pending events during the outage: {lag}");
+        assert!(analytics["seconds_behind"].as_f64().unwrap_or(0.0) > 0.0, "{lag}");
+        let partitions = analytics["partitions"].as_array().cloned().unwrap_or_default();
+        assert_eq!(partitions.len(), usize::from(config.partitions));
+        assert!(partitions.iter().all(|partition| partition["owned"] == true), "{lag}");
+        assert!(partitions.iter().any(|partition| partition["batch_in_flight"] == true), "{lag}");
 
         switch.set_up(true);
         let count = wait_for_count(&config, 15_000, Duration::from_secs(60)).await;
+        // Caught up: the next commit or idle renewal reports no lag.
+        let mut caught_up = serde_json::Value::Null;
+        for _ in 0..50 {
+            caught_up = get_json(&format!("http://{api}/v1/projections")).await?;
+            if caught_up["projections"][0]["pending_events"] == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        assert_eq!(caught_up["projections"][0]["pending_events"], 0, "{caught_up}");
+        api_shutdown.trigger();
+        let _ = api_shutdown.drain(Duration::from_secs(5)).await;
         shutdown.trigger();
         let _ = shutdown.drain(Duration::from_secs(10)).await;
         assert_eq!(count, 15_000);
@@ -119,4 +143,13 @@ async fn clickhouse_down_then_back_loses_nothing_and_doubles_nothing() -> TestRe
     .await;
     cleanup(&config).await;
     outcome
+}
+
+async fn get_json(url: &str) -> TestResult<serde_json::Value> {
+    use http_body_util::BodyExt;
+    let client: hyper_util::client::legacy::Client<_, http_body_util::Empty<bytes::Bytes>> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
+    let response = client.get(url.parse()?).await?;
+    let body = response.into_body().collect().await?.to_bytes();
+    Ok(serde_json::from_slice(&body)?)
 }

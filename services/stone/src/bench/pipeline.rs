@@ -1,0 +1,331 @@
+//! `stone bench pipeline`: the analytics pipeline against the raw JetStream consume rate of the
+//! same events on the same machine, freshness from publish to visible through the API, and the
+//! latency of every analytics endpoint over what the run stored, reported as ratios.
+//!
+//! It uses the configured NATS and ClickHouse with a namespace and database of its own, removed
+//! afterwards (unless `--keep`), so it never touches a deployment's data:
+//! 1. publish `--events` synthetic `request.completed` events spread over the last six hours;
+//! 2. consume them with one pull consumer per partition and batch acks, doing nothing else
+//!    (the ceiling any projector on this machine can reach);
+//! 3. start the projector and time until every event is in ClickHouse (raw and rollups);
+//! 4. publish at `--rate` events/s for `--seconds`, marking some events, and poll the gateway's
+//!    request search for the markers: publish → visible through the API;
+//! 5. query each analytics endpoint `--samples` times over the stored events.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, pull};
+use bytes::Bytes;
+use clap::Args;
+use futures::StreamExt;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use stone_analytics::synthetic::{self, Publisher};
+use stone_kit::admin::Readiness;
+use stone_kit::{Shutdown, StoneConfig};
+use time::OffsetDateTime;
+
+#[derive(Debug, Args)]
+pub struct PipelineBenchArgs {
+    /// Events stored and projected in the throughput phase.
+    #[arg(long, default_value_t = 1_000_000)]
+    events: u64,
+    /// Publish rate of the freshness phase, events per second.
+    #[arg(long, default_value_t = 10_000)]
+    rate: u64,
+    /// Length of the freshness phase in seconds.
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+    /// Requests per endpoint in the latency phase.
+    #[arg(long, default_value_t = 30)]
+    samples: usize,
+    /// Keep the bench's streams and database afterwards.
+    #[arg(long)]
+    keep: bool,
+}
+
+/// Runs the benchmark and prints the report.
+pub async fn run(base: &StoneConfig, args: PipelineBenchArgs) -> anyhow::Result<()> {
+    let unique = uuid::Uuid::now_v7().simple().to_string();
+    let suffix = &unique[unique.len() - 8..];
+    let mut config = base.clone();
+    config.namespace = format!("bench{suffix}");
+    config.clickhouse_database = format!("bench_{suffix}");
+    config.analytics.admin_listen = "127.0.0.1:0".parse()?;
+    config.analytics.instance_id = format!("bench-{suffix}");
+    // Room for the events in JetStream without reserving the server's whole storage.
+    config.events.max_bytes = i64::try_from(args.events.saturating_mul(1_200).max(256 << 20)).unwrap_or(i64::MAX);
+    let outcome = measure(&config, &args).await;
+    if !args.keep {
+        cleanup(&config).await;
+    }
+    let report = outcome?;
+    let mut stdout = std::io::stdout().lock();
+    stdout.write_all(report.as_bytes())?;
+    Ok(())
+}
+
+async fn measure(config: &StoneConfig, args: &PipelineBenchArgs) -> anyhow::Result<String> {
+    let mut report = String::new();
+    let line = |report: &mut String, text: String| {
+        report.push_str(&text);
+        report.push('\n');
+        let _ = writeln!(std::io::stderr(), "{text}");
+    };
+    stone_kit::clickhouse::migrate(config).await?;
+    let (_client, js) = stone_kit::nats::connect_and_provision(config, "stone-bench").await?;
+
+    // 1. Publish.
+    let started = Instant::now();
+    let mut publisher = Publisher::new(js.clone(), config.namespace(), config.partitions, 4_096);
+    let now = OffsetDateTime::now_utc();
+    let spread = 6 * 3_600_000_000i64;
+    let step = spread / i64::try_from(args.events.max(1)).unwrap_or(i64::MAX);
+    for index in 0..args.events {
+        let offset = spread - step * i64::try_from(index).unwrap_or(0);
+        let time = now - time::Duration::microseconds(offset);
+        publisher.publish(&synthetic::request(index, time)).await?;
+    }
+    publisher.flush().await?;
+    let publish_rate = args.events as f64 / started.elapsed().as_secs_f64();
+    line(&mut report, format!("published {} events at {publish_rate:.0} ev/s", args.events));
+
+    // 2. Raw consume: the same events, one pull consumer per partition, batch acks, no work.
+    let consume_rate = raw_consume(config, &js, args.events).await?;
+    line(&mut report, format!("raw JetStream consume: {consume_rate:.0} ev/s"));
+
+    // 3. The projector.
+    let shutdown = Shutdown::new();
+    let started = Instant::now();
+    stone_analytics::build(config, &shutdown).await?;
+    let clickhouse = stone_kit::clickhouse::client(config);
+    loop {
+        let count: u64 = clickhouse.query("SELECT count() FROM requests").fetch_one().await?;
+        if count >= args.events {
+            break;
+        }
+        if started.elapsed() > Duration::from_secs(600) {
+            anyhow::bail!("the projector stored {count} of {} events in 10 minutes", args.events);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let pipeline_rate = args.events as f64 / started.elapsed().as_secs_f64();
+    let rolled: u64 = clickhouse.query("SELECT sum(requests) FROM requests_1h").fetch_one().await?;
+    anyhow::ensure!(rolled == args.events, "hourly rollup holds {rolled} of {} events", args.events);
+    line(
+        &mut report,
+        format!(
+            "pipeline JetStream → ClickHouse (raw + 2 rollups): {pipeline_rate:.0} ev/s, ratio to raw consume {:.2}",
+            pipeline_rate / consume_rate
+        ),
+    );
+
+    // 4. Freshness through the gateway's API.
+    let gateway_shutdown = Shutdown::new();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let gateway_address = listener.local_addr()?;
+    let state = stone_gateway::AppState::new(stone_gateway::analytics::clickhouse_client(config), Readiness::new(&[]));
+    gateway_shutdown.spawn(stone_kit::admin::serve(listener, stone_gateway::router(state), gateway_shutdown.token()));
+    let freshness = freshness(config, &js, gateway_address, args).await;
+    let (p50, p99, max, seen, marked) = freshness?;
+    line(
+        &mut report,
+        format!(
+            "freshness at {} ev/s for {} s: publish → visible in /v1/analytics/requests p50 {p50:.0} ms, p99 {p99:.0} ms, max {max:.0} ms ({seen}/{marked} markers seen; 25 ms polling)",
+            args.rate, args.seconds
+        ),
+    );
+
+    // 5. Endpoint latency over the stored events.
+    let stored: u64 = clickhouse.query("SELECT count() FROM requests").fetch_one().await?;
+    line(&mut report, format!("endpoint latency over {stored} stored events ({} samples each):", args.samples));
+    let hour = |hours_ago: i64| -> anyhow::Result<String> {
+        let instant = OffsetDateTime::now_utc() - time::Duration::hours(hours_ago);
+        let aligned = instant.replace_minute(0)?.replace_second(0)?.replace_nanosecond(0)?;
+        Ok(aligned.format(&time::format_description::well_known::Rfc3339)?)
+    };
+    let aligned = format!("from={}&to={}", hour(6)?, hour(0)?);
+    let endpoints = [
+        ("summary, raw rows (-6h)", "/v1/analytics/summary?from=-6h".to_owned()),
+        ("summary, hourly rollup", format!("/v1/analytics/summary?{aligned}")),
+        ("summary, raw rows, route filter", "/v1/analytics/summary?from=-6h&route=users".to_owned()),
+        (
+            "timeseries 1m by status_class (-6h)",
+            "/v1/analytics/timeseries?from=-6h&interval=1m&group_by=status_class".to_owned(),
+        ),
+        ("timeseries 1h by route", format!("/v1/analytics/timeseries?{aligned}&interval=1h&group_by=route")),
+        ("top path_template by p99, rollup", format!("/v1/analytics/top?{aligned}&by=path_template&order=p99")),
+        ("top consumer by errors, raw (-6h)", "/v1/analytics/top?from=-6h&by=consumer&order=errors".to_owned()),
+        ("requests search, 100 newest 5xx", "/v1/analytics/requests?from=-6h&status=5xx&limit=100".to_owned()),
+        ("health upstreams", "/v1/health/upstreams".to_owned()),
+    ];
+    let http: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    for (name, path) in endpoints {
+        let mut durations = Vec::with_capacity(args.samples);
+        for _ in 0..args.samples {
+            let started = Instant::now();
+            let response = http.get(format!("http://{gateway_address}{path}").parse()?).await?;
+            let status = response.status();
+            let body = response.into_body().collect().await?.to_bytes();
+            anyhow::ensure!(status.is_success(), "{path}: {status} {}", String::from_utf8_lossy(&body));
+            durations.push(started.elapsed().as_secs_f64() * 1_000.0);
+        }
+        line(
+            &mut report,
+            format!(
+                "  {name:<40} p50 {:>7.1} ms  p95 {:>7.1} ms",
+                quantile(&mut durations, 0.5),
+                quantile(&mut durations, 0.95)
+            ),
+        );
+    }
+    gateway_shutdown.trigger();
+    let _ = gateway_shutdown.drain(Duration::from_secs(5)).await;
+    shutdown.trigger();
+    let _ = shutdown.drain(Duration::from_secs(10)).await;
+    Ok(report)
+}
+
+/// Reads every event once through one pull consumer per partition, acknowledging batches.
+async fn raw_consume(config: &StoneConfig, js: &async_nats::jetstream::Context, events: u64) -> anyhow::Result<f64> {
+    let namespace = config.namespace();
+    let stream = js.get_stream(namespace.stream_name("EVENTS")).await?;
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for partition in 0..config.partitions {
+        let consumer = stream
+            .create_consumer(pull::Config {
+                durable_name: Some(format!("raw-p{partition}")),
+                filter_subject: namespace.partition_filter(partition),
+                deliver_policy: DeliverPolicy::All,
+                ack_policy: AckPolicy::All,
+                max_ack_pending: 100_000,
+                ..Default::default()
+            })
+            .await?;
+        let batch = config.analytics.batch_max_rows;
+        tasks.push(tokio::spawn(async move {
+            let mut read = 0u64;
+            loop {
+                let mut messages =
+                    consumer.batch().max_messages(batch).expires(Duration::from_millis(500)).messages().await?;
+                let mut last = None;
+                let mut received = 0;
+                while let Some(message) = messages.next().await {
+                    last = Some(message.map_err(|error| anyhow::anyhow!("{error}"))?);
+                    received += 1;
+                }
+                read += received;
+                match last {
+                    Some(message) => message.ack().await.map_err(|error| anyhow::anyhow!("{error}"))?,
+                    None => return Ok::<u64, anyhow::Error>(read),
+                }
+            }
+        }));
+    }
+    let mut total = 0;
+    for task in tasks {
+        total += task.await??;
+    }
+    // The last empty fetch of each partition is waiting, not reading: leave it out.
+    let elapsed = started.elapsed().as_secs_f64() - 0.5;
+    anyhow::ensure!(total == events, "raw consume read {total} of {events} events");
+    Ok(events as f64 / elapsed.max(0.001))
+}
+
+/// Publishes at `rate` for `seconds`, one marker every 10 ms, and polls the API for markers.
+async fn freshness(
+    config: &StoneConfig,
+    js: &async_nats::jetstream::Context,
+    gateway: std::net::SocketAddr,
+    args: &PipelineBenchArgs,
+) -> anyhow::Result<(f64, f64, f64, usize, usize)> {
+    let published: std::sync::Arc<std::sync::Mutex<HashMap<String, Instant>>> = Default::default();
+    let seen_count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let stop = tokio_util::sync::CancellationToken::new();
+    let poller = {
+        let published = published.clone();
+        let seen_count = seen_count.clone();
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let http: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+            let mut seen: HashMap<String, f64> = HashMap::new();
+            let uri = format!("http://{gateway}/v1/analytics/requests?from=-10m&consumer=bench-marker&limit=1000");
+            while !stop.is_cancelled() {
+                let polled = Instant::now();
+                if let Ok(response) = http.get(uri.parse()?).await {
+                    let body = response.into_body().collect().await?.to_bytes();
+                    let page: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+                    let published = published.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.clone();
+                    for request in page["requests"].as_array().into_iter().flatten() {
+                        let Some(id) = request["event_id"].as_str() else { continue };
+                        if let (false, Some(sent)) = (seen.contains_key(id), published.get(id)) {
+                            seen.insert(id.to_owned(), polled.saturating_duration_since(*sent).as_secs_f64() * 1_000.0);
+                            seen_count.store(seen.len(), std::sync::atomic::Ordering::Relaxed);
+                        }
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+            Ok::<_, anyhow::Error>(seen)
+        })
+    };
+    let mut publisher = Publisher::new(js.clone(), config.namespace(), config.partitions, 4_096);
+    let total = args.rate * args.seconds;
+    let started = Instant::now();
+    let mut marked = 0;
+    for index in 0..total {
+        let due = Duration::from_secs_f64(index as f64 / args.rate as f64);
+        if let Some(wait) = due.checked_sub(started.elapsed()) {
+            tokio::time::sleep(wait).await;
+        }
+        let mut envelope = synthetic::request(10_000_000_000 + index, OffsetDateTime::now_utc());
+        if index % (args.rate / 100).max(1) == 0 {
+            envelope.data.consumer = Some("bench-marker".to_owned());
+            published.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.insert(envelope.id.to_string(), Instant::now());
+            marked += 1;
+        }
+        publisher.publish(&envelope).await?;
+    }
+    publisher.flush().await?;
+    // Until every marker was seen, or 30 s.
+    let drained = Instant::now();
+    while drained.elapsed() < Duration::from_secs(30) && !poller.is_finished() {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let all_seen = seen_count.load(std::sync::atomic::Ordering::Relaxed) >= marked;
+        if all_seen {
+            break;
+        }
+    }
+    stop.cancel();
+    let seen = poller.await.context("freshness poller")??;
+    let mut latencies: Vec<f64> = seen.values().copied().collect();
+    let count = latencies.len();
+    let max = latencies.iter().copied().fold(0.0, f64::max);
+    Ok((quantile(&mut latencies, 0.5), quantile(&mut latencies, 0.99), max, count, marked))
+}
+
+fn quantile(values: &mut [f64], q: f64) -> f64 {
+    if values.is_empty() {
+        return f64::NAN;
+    }
+    values.sort_by(f64::total_cmp);
+    let index = ((values.len() as f64 - 1.0) * q).round() as usize;
+    values[index.min(values.len() - 1)]
+}
+
+async fn cleanup(config: &StoneConfig) {
+    if let Ok(client) = async_nats::connect(config.nats_url.as_str()).await {
+        let js = async_nats::jetstream::new(client);
+        for base in ["EVENTS", "CONFIG", "DEADLETTER"] {
+            let _ = js.delete_stream(config.namespace().stream_name(base)).await;
+        }
+        let _ = js.delete_key_value(config.namespace().bucket_name(stone_analytics::STATE_BUCKET)).await;
+    }
+    let server = clickhouse::Client::default().with_url(&config.clickhouse_url);
+    let _ = server.query(&format!("DROP DATABASE IF EXISTS `{}`", config.clickhouse_database)).execute().await;
+}
