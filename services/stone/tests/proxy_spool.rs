@@ -167,3 +167,63 @@ async fn a_worker_stopped_during_an_outage_keeps_its_events_for_the_next_start()
     let _ = std::fs::remove_dir_all(&config.proxy.spool_dir);
     outcome
 }
+
+/// Sums `dropped` over the `health.events_lost` events in the stream.
+async fn reported_losses(config: &StoneConfig) -> Result<(u64, Vec<String>), BoxError> {
+    let js = jetstream(config).await?;
+    let mut dropped = 0;
+    let mut reasons = Vec::new();
+    for event in read_events(&js, config, "health.events_lost.>").await? {
+        if let stone_events::Event::EventsLost(envelope) = event {
+            dropped += envelope.data.dropped;
+            reasons.push(envelope.data.reason);
+        }
+    }
+    Ok((dropped, reasons))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_the_spool_cap_events_are_dropped_counted_and_reported() -> TestResult {
+    let mut nats = PrivateNats::start().await?;
+    let shutdown = Shutdown::new();
+    let upstream = TestUpstream::start("backend", &shutdown).await?;
+    let mut config = config_for(&nats, &upstream);
+    // Room for a few request events only.
+    config.proxy.spool_max_bytes = 3_000;
+    let outcome = async {
+        let proxy = stone_proxy::build(&config, &shutdown).await?;
+        let client = client();
+        send(&client, &proxy, 5).await?;
+        let js = jetstream(&config).await?;
+        assert!(eventually(100, || async { count_events(&js, &config, "request.>").await.unwrap_or(0) == 5 }).await);
+        nats.stop();
+        // Let the client notice, so every event of the outage takes the spool path.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        send(&client, &proxy, 20).await?;
+        nats.restart().await?;
+        // Every request is either in the stream or in a loss report: nothing vanishes silently.
+        let mut seen = (0, 0);
+        for _ in 0..300 {
+            let published = match jetstream(&config).await {
+                Ok(js) => count_events(&js, &config, "request.>").await.unwrap_or(0),
+                Err(_) => 0,
+            };
+            let (dropped, _) = reported_losses(&config).await.unwrap_or_default();
+            seen = (published, dropped);
+            if published + dropped >= 25 && dropped > 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let (published, dropped) = seen;
+        assert_eq!(published + dropped, 25, "published {published}, reported lost {dropped}");
+        assert!(published > 5, "some events fit in the spool and were published: {published}");
+        let (_, reasons) = reported_losses(&config).await?;
+        assert!(reasons.iter().all(|reason| reason == "spool_full"), "{reasons:?}");
+        Ok(())
+    }
+    .await;
+    let _ = shutdown.drain(Duration::from_secs(10)).await;
+    let _ = std::fs::remove_dir_all(&config.proxy.spool_dir);
+    outcome
+}
