@@ -104,7 +104,7 @@ pub struct PlannedChange {
 impl PlannedChange {
     pub fn proposed(&self) -> ProposedChange {
         match &self.after {
-            Some(spec) => ProposedChange::Upsert(spec.clone()),
+            Some(spec) => ProposedChange::upsert(spec.clone()),
             None => ProposedChange::Delete { kind: self.kind, name: self.name.clone() },
         }
     }

@@ -66,11 +66,19 @@ pub enum ValidationError {
 /// One change to validate: the new state of an entity, or its removal.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ProposedChange {
-    Upsert(EntitySpec),
-    Delete { kind: EntityKind, name: String },
+    /// Boxed: a route spec is large, a delete small.
+    Upsert(Box<EntitySpec>),
+    Delete {
+        kind: EntityKind,
+        name: String,
+    },
 }
 
 impl ProposedChange {
+    pub fn upsert(spec: EntitySpec) -> Self {
+        Self::Upsert(Box::new(spec))
+    }
+
     pub fn kind(&self) -> EntityKind {
         match self {
             Self::Upsert(spec) => spec.kind(),
@@ -108,7 +116,7 @@ pub fn validate_changes(state: &ConfigState, changes: &[ProposedChange]) -> Resu
         }
         match change {
             ProposedChange::Upsert(spec) => {
-                after.insert(key, spec.clone());
+                after.insert(key, spec.as_ref().clone());
             }
             ProposedChange::Delete { .. } => {
                 after.remove(&key);
@@ -597,9 +605,9 @@ mod tests {
     #[test]
     fn references_and_order_inside_a_set() {
         let state = ConfigState::default();
-        let route_first = [ProposedChange::Upsert(route("r", &["/a"])), ProposedChange::Upsert(upstream("u"))];
+        let route_first = [ProposedChange::upsert(route("r", &["/a"])), ProposedChange::upsert(upstream("u"))];
         assert_eq!(validate_changes(&state, &route_first), Ok(()));
-        let missing = [ProposedChange::Upsert(route("r", &["/a"]))];
+        let missing = [ProposedChange::upsert(route("r", &["/a"]))];
         assert_eq!(field_of(validate_changes(&state, &missing)), "routes.upstream");
     }
 
@@ -607,7 +615,7 @@ mod tests {
     fn fields_are_named() {
         let state = ConfigState::default();
         let check = |spec: EntitySpec| {
-            field_of(validate_changes(&state, &[ProposedChange::Upsert(upstream("u")), ProposedChange::Upsert(spec)]))
+            field_of(validate_changes(&state, &[ProposedChange::upsert(upstream("u")), ProposedChange::upsert(spec)]))
         };
         assert_eq!(check(route("r", &["/a", "no-slash"])), "routes.paths[1]");
         assert_eq!(check(route("r", &["/a/*/b"])), "routes.paths[0]");
@@ -650,13 +658,13 @@ mod tests {
             let seq = seq as u64 + 1;
             state.apply(seq, super::super::tests_support::upsert(spec, seq));
         }
-        let clash = [ProposedChange::Upsert(route("b", &["/x", "/users/{user}"]))];
+        let clash = [ProposedChange::upsert(route("b", &["/x", "/users/{user}"]))];
         assert_eq!(field_of(validate_changes(&state, &clash)), "routes.paths[1]");
         let other_method = route_with("b", json!({"paths": ["/users/{user}"], "methods": ["POST"]}));
-        assert_eq!(validate_changes(&state, &[ProposedChange::Upsert(other_method)]), Ok(()));
+        assert_eq!(validate_changes(&state, &[ProposedChange::upsert(other_method)]), Ok(()));
         let delete_upstream = [ProposedChange::Delete { kind: EntityKind::Upstream, name: "u".into() }];
         assert!(matches!(validate_changes(&state, &delete_upstream), Err(ValidationError::InUse(_))));
         let consumer = spec(EntityKind::Consumer, json!({"name": "c"}));
-        assert_eq!(validate_changes(&state, &[ProposedChange::Upsert(consumer)]), Ok(()));
+        assert_eq!(validate_changes(&state, &[ProposedChange::upsert(consumer)]), Ok(()));
     }
 }

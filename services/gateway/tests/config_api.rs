@@ -170,6 +170,13 @@ async fn validation_errors_name_the_field_and_change_nothing() -> TestResult {
         ("routes", json!({"name": "r", "paths": ["/x"]}), "routes.upstream"),
         ("routes", json!({"name": "r", "paths": ["/x"], "upstream": "u", "colour": "red"}), "routes.colour"),
         ("routes", json!({"name": "r.s", "paths": ["/x"], "upstream": "u"}), "routes.name"),
+        ("routes", json!({"name": "r", "paths": "/x", "upstream": "u"}), "routes.paths"),
+        (
+            "upstreams",
+            json!({"name": "v", "targets": [{"url": "http://a:1", "weight": "heavy"}]}),
+            "upstreams.targets[0].weight",
+        ),
+        ("upstreams", json!({"name": "v", "algorithm": "random", "targets": []}), "upstreams.algorithm"),
         ("upstreams", json!({"name": "v", "targets": [{"url": "localhost:80"}]}), "upstreams.targets[0].url"),
         (
             "upstreams",
@@ -204,6 +211,14 @@ async fn validation_errors_name_the_field_and_change_nothing() -> TestResult {
         )
         .await?;
     assert_eq!(bad_apply.body["error"]["field"], "routes.paths[0]", "{}", bad_apply.body);
+    let typo = app
+        .admin(
+            Method::POST,
+            "/v1/config/apply",
+            Some(json!({"document": {"routes": [{"name": "z", "upstraem": "w"}]}})),
+        )
+        .await?;
+    assert_eq!(typo.body["error"]["field"], "document.routes[0].upstraem", "{}", typo.body);
     assert_eq!(app.last_seq().await?, before, "a refused write appends nothing");
     app.finish().await;
     Ok(())
@@ -239,6 +254,26 @@ async fn tokens_401_without_or_with_a_bad_token_403_with_too_small_a_scope() -> 
     // Tokens are stored hashed.
     let stored: Vec<String> = sqlx::query_scalar("SELECT secret_sha256 FROM api_tokens").fetch_all(&app.pool).await?;
     assert!(stored.iter().all(|hash| hash.len() == 64 && !hash.contains(&reader) && hash != &reader));
+    // Tokens through the API: admin only, shown once, listed without secrets, revoked at once.
+    let by_reader =
+        app.call(Method::POST, "/v1/tokens", Some(&reader), Some(json!({"name": "x", "scope": "read"})), &[]).await?;
+    assert_eq!(by_reader.status, StatusCode::FORBIDDEN, "{}", by_reader.body);
+    let minted = app.admin(Method::POST, "/v1/tokens", Some(json!({"name": "ci", "scope": "write"}))).await?;
+    assert_eq!(minted.status, StatusCode::CREATED, "{}", minted.body);
+    let ci = minted.body["token"].as_str().unwrap().to_owned();
+    let taken = app.admin(Method::POST, "/v1/tokens", Some(json!({"name": "ci", "scope": "read"}))).await?;
+    assert_eq!(taken.status, StatusCode::CONFLICT);
+    let bad_scope = app.admin(Method::POST, "/v1/tokens", Some(json!({"name": "y", "scope": "root"}))).await?;
+    assert_eq!(bad_scope.body["error"]["field"], "tokens.scope", "{}", bad_scope.body);
+    let ci_write =
+        app.call(Method::POST, "/v1/config/consumers", Some(&ci), Some(json!({"name": "by-ci"})), &[]).await?;
+    assert_eq!(ci_write.status, StatusCode::CREATED);
+    let listed = app.admin(Method::GET, "/v1/tokens", None).await?;
+    assert!(!listed.body.to_string().contains(&ci) && listed.body.to_string().contains("\"ci\""), "{}", listed.body);
+    assert_eq!(app.admin(Method::DELETE, "/v1/tokens/ci", None).await?.status, StatusCode::NO_CONTENT);
+    let after = app.call(Method::GET, "/v1/config/routes", Some(&ci), None, &[]).await?;
+    assert_eq!(after.status, StatusCode::UNAUTHORIZED);
+
     assert!(stone_gateway::auth::revoke_token(&app.pool, "reader").await?);
     assert_eq!(
         app.call(Method::GET, "/v1/config/routes", Some(&reader), None, &[]).await?.status,

@@ -8,6 +8,8 @@
 //! 401 (with `WWW-Authenticate: Bearer`) when the token is missing or unknown, and 403 when it is
 //! valid but its scope is too small.
 
+pub mod api;
+
 use std::marker::PhantomData;
 
 use axum::Json;

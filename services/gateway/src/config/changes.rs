@@ -16,7 +16,7 @@ use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
 use super::entities::{ReadQuery, WriteResult, write_response};
-use super::error::ConfigApiError;
+use super::error::{ConfigApiError, parse_body};
 use super::ledger::Committed;
 use super::read::{self, HistoryFilter, HistoryRecord};
 use super::{context, min_seq, query_error, seq_header};
@@ -276,8 +276,7 @@ pub async fn apply(
     RequireScope { caller, .. }: RequireScope<Write>,
     body: Bytes,
 ) -> Result<Response, ConfigApiError> {
-    let request: ApplyRequest =
-        serde_json::from_slice(&body).map_err(|error| ConfigApiError::from_body_error("document", &error))?;
+    let request: ApplyRequest = parse_body("", &body)?;
     let result = apply_document(&state, &caller.name, request.document, request.prune, request.dry_run).await?;
     Ok(([seq_header(result.stream_seq)], Json(result)).into_response())
 }
@@ -310,8 +309,7 @@ pub async fn revert(
     body: Bytes,
 ) -> Result<Response, ConfigApiError> {
     let context = context(&state)?;
-    let request: RevertRequest =
-        serde_json::from_slice(&body).map_err(|error| ConfigApiError::from_body_error("revert", &error))?;
+    let request: RevertRequest = parse_body("revert", &body)?;
     let target = resolve_point(&context.pool, request.at.as_deref(), request.to_seq, "").await?;
     // The history must contain everything up to the ledger's current end, or the snapshot
     // could miss changes that are in the stream but not yet projected.
@@ -365,7 +363,7 @@ pub async fn create_key(
         .commit(&caller.name, |current| {
             let mut consumer = consumer_of(current, &name)?;
             consumer.api_keys.push(stored.clone());
-            Ok(vec![ProposedChange::Upsert(EntitySpec::Consumer(consumer))])
+            Ok(vec![ProposedChange::upsert(EntitySpec::Consumer(consumer))])
         })
         .await?;
     let (stream_seq, version) = committed.events.last().map_or((0, 0), |(seq, change)| (*seq, change.version));
@@ -398,7 +396,7 @@ pub async fn revoke_key(
             if consumer.api_keys.len() == before {
                 return Err(ConfigApiError::NotFound { kind: "api key", name: key_id.clone() });
             }
-            Ok(vec![ProposedChange::Upsert(EntitySpec::Consumer(consumer))])
+            Ok(vec![ProposedChange::upsert(EntitySpec::Consumer(consumer))])
         })
         .await?;
     write_response(StatusCode::OK, &committed, || None)

@@ -15,7 +15,7 @@ use stone_events::config::{ConfigOp, ConsumerSpec, EntityKind, EntitySpec};
 use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
-use super::error::ConfigApiError;
+use super::error::{ConfigApiError, parse_value};
 use super::ledger::{Committed, LedgerState};
 use super::read::{self, EntityRecord};
 use super::{context, kind_of, min_seq, query_error, seq_header};
@@ -109,7 +109,13 @@ fn etag(version: u64) -> HeaderValue {
 
 /// Parses a body into a spec of `kind`, naming the field that is wrong.
 pub(crate) fn parse_spec(kind: EntityKind, body: serde_json::Value) -> Result<EntitySpec, ConfigApiError> {
-    EntitySpec::from_body(kind, body).map_err(|error| ConfigApiError::from_body_error(kind.plural(), &error))
+    let prefix = kind.plural();
+    Ok(match kind {
+        EntityKind::Route => EntitySpec::Route(parse_value(prefix, body)?),
+        EntityKind::Upstream => EntitySpec::Upstream(parse_value(prefix, body)?),
+        EntityKind::Consumer => EntitySpec::Consumer(parse_value(prefix, body)?),
+        EntityKind::Policy => EntitySpec::Policy(parse_value(prefix, body)?),
+    })
 }
 
 pub(crate) fn parse_json(kind: EntityKind, body: &Bytes) -> Result<serde_json::Value, ConfigApiError> {
@@ -207,7 +213,7 @@ pub async fn create(
             if current.config.get(kind, &name).is_some() {
                 return Err(ConfigApiError::AlreadyExists { kind: kind.as_str(), name: name.clone() });
             }
-            Ok(vec![ProposedChange::Upsert(keep_api_keys(spec.clone(), current))])
+            Ok(vec![ProposedChange::upsert(keep_api_keys(spec.clone(), current))])
         })
         .await?;
     write_response(StatusCode::CREATED, &committed, || None)
@@ -251,7 +257,7 @@ pub async fn replace(
             if existing.is_some_and(|entity| entity.spec == spec) {
                 return Ok(Vec::new());
             }
-            Ok(vec![ProposedChange::Upsert(spec)])
+            Ok(vec![ProposedChange::upsert(spec)])
         })
         .await?;
     let status = if created { StatusCode::CREATED } else { StatusCode::OK };
@@ -338,7 +344,7 @@ pub async fn patch(
             if spec == existing.spec {
                 return Ok(Vec::new());
             }
-            Ok(vec![ProposedChange::Upsert(spec)])
+            Ok(vec![ProposedChange::upsert(spec)])
         })
         .await?;
     write_response(StatusCode::OK, &committed, || unchanged(&context.ledger.snapshot(), kind, &name))

@@ -54,17 +54,48 @@ impl ConfigApiError {
         Self::Unavailable { dependency: "NATS", detail: error.to_string() }
     }
 
-    /// A body that does not deserialise into the entity: serde names the field in backticks
-    /// (`missing field `upstream``), which becomes `routes.upstream`.
+    /// A body that does not deserialise: serde names a missing or unknown field in backticks
+    /// (``missing field `upstream` ``), which becomes `routes.upstream`; other errors name the
+    /// body itself.
     pub fn from_body_error(prefix: &str, error: &serde_json::Error) -> Self {
         let message = error.to_string();
-        let named = message.split('`').nth(1).filter(|name| !name.is_empty() && !name.contains(' '));
+        let names_a_field = message.starts_with("missing field") || message.starts_with("unknown field");
+        let named = message.split('`').nth(1).filter(|name| names_a_field && !name.is_empty() && !name.contains(' '));
         let field = match named {
-            Some(name) => format!("{prefix}.{name}"),
+            Some(name) => join_field(prefix, name),
             None => prefix.to_owned(),
         };
         Self::InvalidField { field, message }
     }
+
+    /// As [`Self::from_body_error`] with the path serde was at (`targets[0].weight`), so type
+    /// errors deep in a body name their field too.
+    pub fn from_path_error(prefix: &str, error: &serde_path_to_error::Error<serde_json::Error>) -> Self {
+        let path = error.path().to_string();
+        if path.is_empty() || path == "." {
+            return Self::from_body_error(prefix, error.inner());
+        }
+        Self::InvalidField { field: join_field(prefix, &path), message: error.inner().to_string() }
+    }
+}
+
+/// `routes` + `paths[0]` → `routes.paths[0]`; an empty prefix leaves the path as it is.
+fn join_field(prefix: &str, path: &str) -> String {
+    if prefix.is_empty() { path.to_owned() } else { format!("{prefix}.{path}") }
+}
+
+/// Deserialises a body, naming the field at fault.
+pub fn parse_body<T: serde::de::DeserializeOwned>(prefix: &str, bytes: &[u8]) -> Result<T, ConfigApiError> {
+    let mut deserializer = serde_json::Deserializer::from_slice(bytes);
+    serde_path_to_error::deserialize(&mut deserializer).map_err(|error| ConfigApiError::from_path_error(prefix, &error))
+}
+
+/// Deserialises a JSON value, naming the field at fault.
+pub fn parse_value<T: serde::de::DeserializeOwned>(
+    prefix: &str,
+    value: serde_json::Value,
+) -> Result<T, ConfigApiError> {
+    serde_path_to_error::deserialize(value).map_err(|error| ConfigApiError::from_path_error(prefix, &error))
 }
 
 impl From<FieldError> for ConfigApiError {

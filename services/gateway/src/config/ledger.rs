@@ -179,7 +179,7 @@ impl Ledger {
             let name = change.name().to_owned();
             let existing = state.config.get(kind, &name);
             let (op, spec) = match change {
-                ProposedChange::Upsert(spec) => (ConfigOp::Upserted, Some(spec.clone())),
+                ProposedChange::Upsert(spec) => (ConfigOp::Upserted, Some(spec.as_ref().clone())),
                 ProposedChange::Delete { .. } => (ConfigOp::Deleted, None),
             };
             let event = ConfigChange {

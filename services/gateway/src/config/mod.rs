@@ -43,9 +43,10 @@ pub struct ConfigContext {
     pub ledger: Ledger,
 }
 
-/// Every config route.
+/// Every config route, and the token endpoints that guard them.
 pub fn routes() -> Router<AppState> {
     Router::new()
+        .merge(crate::auth::api::routes())
         .route("/v1/config/history", get(changes::history))
         .route("/v1/config/snapshot", get(changes::snapshot))
         .route("/v1/config/export", get(changes::export))

@@ -40,6 +40,9 @@ impl Modify for BearerScheme {
         super::changes::export,
         super::changes::apply,
         super::changes::revert,
+        crate::auth::api::create,
+        crate::auth::api::list,
+        crate::auth::api::revoke,
     ),
     components(schemas(
         WriteResult,
@@ -51,10 +54,17 @@ impl Modify for BearerScheme {
         ApplyRequest,
         ApplyResult,
         RevertRequest,
-        CreatedKey
+        CreatedKey,
+        crate::auth::api::TokenRequest,
+        crate::auth::api::NewToken,
+        crate::auth::api::TokenInfo,
+        crate::auth::Scope
     )),
     modifiers(&BearerScheme),
-    tags((name = "config", description = "Configuration: commands on the CONFIG ledger, reads from the Postgres projection"))
+    tags(
+        (name = "config", description = "Configuration: commands on the CONFIG ledger, reads from the Postgres projection"),
+        (name = "tokens", description = "Gateway bearer tokens (admin)")
+    )
 )]
 struct ConfigApiDoc;
 
