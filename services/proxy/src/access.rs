@@ -46,7 +46,8 @@ impl AccessTable {
         for route in routes {
             let entry = access.entry(route.name.clone()).or_default();
             if let Some(spec) = &route.auth {
-                entry.auth = Some(AuthRule::compile(spec).map_err(|message| format!("route {:?}: {message}", route.name))?);
+                entry.auth =
+                    Some(AuthRule::compile(spec).map_err(|message| format!("route {:?}: {message}", route.name))?);
             }
             if let Some(spec) = &route.rate_limit {
                 let mut settings = std::collections::BTreeMap::new();
@@ -69,7 +70,9 @@ impl AccessTable {
                     "auth" if entry.auth.is_none() => {
                         entry.auth = Some(AuthRule::from_policy_settings(&policy.settings).map_err(fail)?);
                     }
-                    "rate_limit" => entry.rate_limits.push(RateLimit::from_settings(&policy.name, &policy.settings).map_err(fail)?),
+                    "rate_limit" => {
+                        entry.rate_limits.push(RateLimit::from_settings(&policy.name, &policy.settings).map_err(fail)?)
+                    }
                     _ => {}
                 }
             }
@@ -106,7 +109,10 @@ impl AccessTable {
 /// What to do with a request.
 #[derive(Debug)]
 pub enum Gate {
-    Pass { consumer: Option<String>, rate_limit: Option<RateLimitDecision> },
+    Pass {
+        consumer: Option<String>,
+        rate_limit: Option<RateLimitDecision>,
+    },
     Answer {
         status: StatusCode,
         kind: ErrorKind,
@@ -163,7 +169,9 @@ pub async fn check(
     let client_ip = client.to_string();
     for limit in &access.rate_limits {
         let subject = match limit.by {
-            LimitBy::Consumer => consumer.as_deref().map_or_else(|| format!("ip:{client_ip}"), |name| format!("consumer:{name}")),
+            LimitBy::Consumer => {
+                consumer.as_deref().map_or_else(|| format!("ip:{client_ip}"), |name| format!("consumer:{name}"))
+            }
             LimitBy::Ip => format!("ip:{client_ip}"),
             LimitBy::Route => "route".to_owned(),
         };

@@ -130,7 +130,9 @@ impl AuthRule {
     }
 
     /// An `api_key` auth policy: `{type: "api_key", header?}`.
-    pub fn from_policy_settings(settings: &std::collections::BTreeMap<String, serde_json::Value>) -> Result<Self, String> {
+    pub fn from_policy_settings(
+        settings: &std::collections::BTreeMap<String, serde_json::Value>,
+    ) -> Result<Self, String> {
         match settings.get("type").and_then(serde_json::Value::as_str) {
             Some("api_key") | None => {}
             Some(other) => return Err(format!("settings.type: {other:?} is not supported by auth policies")),
@@ -144,10 +146,11 @@ impl AuthRule {
         match self {
             Self::ApiKey { header, query: query_name, consumers } => {
                 let challenge = format!("ApiKey header=\"{header}\"");
-                let presented = headers.get(header).and_then(|value| value.to_str().ok()).map(str::to_owned).or_else(|| {
-                    let name = query_name.as_deref()?;
-                    query_parameter(query?, name)
-                });
+                let presented =
+                    headers.get(header).and_then(|value| value.to_str().ok()).map(str::to_owned).or_else(|| {
+                        let name = query_name.as_deref()?;
+                        query_parameter(query?, name)
+                    });
                 let Some(presented) = presented else {
                     return AuthOutcome::Unauthenticated { challenge, reason: "missing_credentials" };
                 };
@@ -168,7 +171,9 @@ impl AuthRule {
                 match rule.verify(token.trim()) {
                     Ok(consumer) => allow(&consumer, consumers),
                     Err(reason) => AuthOutcome::Unauthenticated {
-                        challenge: format!("Bearer realm=\"proxy-stone\", error=\"invalid_token\", error_description=\"{reason}\""),
+                        challenge: format!(
+                            "Bearer realm=\"proxy-stone\", error=\"invalid_token\", error_description=\"{reason}\""
+                        ),
                         reason: "invalid_token",
                     },
                 }
@@ -186,7 +191,11 @@ fn allow(consumer: &str, allowed: &[String]) -> AuthOutcome {
 }
 
 fn query_parameter(query: &str, name: &str) -> Option<String> {
-    query.split('&').filter_map(|pair| pair.split_once('=')).find(|(key, _)| *key == name).map(|(_, value)| value.to_owned())
+    query
+        .split('&')
+        .filter_map(|pair| pair.split_once('='))
+        .find(|(key, _)| *key == name)
+        .map(|(_, value)| value.to_owned())
 }
 
 fn compile_jwt(spec: &JwtSpec) -> Result<JwtRule, String> {

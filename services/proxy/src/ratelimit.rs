@@ -70,8 +70,12 @@ impl RateLimit {
 /// The outcome for one request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
-    Allowed { remaining: u64 },
-    Limited { retry_after: Duration },
+    Allowed {
+        remaining: u64,
+    },
+    Limited {
+        retry_after: Duration,
+    },
     /// The shared store did not answer; the failure mode let the request through.
     FailedOpen,
     /// The shared store did not answer; the failure mode refused the request.
@@ -275,7 +279,10 @@ mod tests {
         let settings = |value: serde_json::Value| -> std::collections::BTreeMap<String, serde_json::Value> {
             serde_json::from_value(value).unwrap_or_default()
         };
-        let limit = RateLimit::from_settings("p", &settings(serde_json::json!({"requests": 10, "window_secs": 60, "by": "ip"})));
+        let limit = RateLimit::from_settings(
+            "p",
+            &settings(serde_json::json!({"requests": 10, "window_secs": 60, "by": "ip"})),
+        );
         assert!(matches!(limit, Ok(RateLimit { requests: 10, by: LimitBy::Ip, .. })));
         let missing = RateLimit::from_settings("p", &settings(serde_json::json!({"window_secs": 60}))).err();
         assert!(missing.is_some_and(|message| message.contains("requests")));

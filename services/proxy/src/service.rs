@@ -21,12 +21,12 @@ use stone_events::request::{CacheStatus, ErrorKind, RequestCompleted};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use crate::balancer::{Target, Upstream};
 use crate::access::Gate;
+use crate::balancer::{Target, Upstream};
 use crate::body::{BodyTooLarge, Completion, CountingBody, MeteredBody, ProxyBody, micros};
+use crate::cache::{Cache, CachePolicy, CacheRequest, Fetcher};
 use crate::emitter::EventSink;
 use crate::health::HealthReporter;
-use crate::cache::{Cache, CachePolicy, CacheRequest, Fetcher};
 use crate::routing::{Route, RouteTable};
 
 type UpstreamBody = Either<CountingBody<Incoming>, Empty<Bytes>>;
