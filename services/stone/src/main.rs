@@ -9,11 +9,11 @@ use clap::{Parser, Subcommand};
 use stone_kit::{Shutdown, StoneConfig};
 
 mod apply;
-mod config_cmd;
 #[path = "bench/pipeline.rs"]
 mod bench_pipeline;
 #[path = "bench/proxy.rs"]
 mod bench_proxy;
+mod config_cmd;
 mod demo;
 mod dev;
 mod tail;
