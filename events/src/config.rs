@@ -290,8 +290,8 @@ pub struct PolicySpec {
     /// [`EntitySpec`] (`"kind": "policy"`), and one object cannot carry two `kind` keys.
     #[serde(rename = "type")]
     pub policy_type: String,
-    /// Routes the policy applies to (like a plugin attached to routes); empty applies it to every
-    /// route (a global policy).
+    /// Routes the policy applies to (like a plugin attached to routes); a policy without routes
+    /// applies nowhere until one is named.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub routes: Vec<String>,
     /// Settings of the policy kind.

@@ -10,7 +10,10 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use super::{ConfigState, EntityKind, EntitySpec, HashOn, HealthCheckSpec, PolicySpec, RouteSpec, UpstreamSpec};
+use super::{
+    AuthSpec, ConfigState, EntityKind, EntitySpec, HashOn, HealthCheckSpec, JwtSpec, PolicySpec, RateLimitSpec,
+    RouteSpec, UpstreamSpec,
+};
 
 /// Longest entity name; names are subject tokens and metric labels, so they stay short.
 pub const MAX_NAME_LEN: usize = 64;
@@ -413,6 +416,12 @@ fn validate_route(route: &RouteSpec, after: &EntityMap) -> Result<(), FieldError
             check_range("routes.cache.max_object_bytes", max_object_bytes, 1, MAX_BYTES)?;
         }
     }
+    if let Some(auth) = &route.auth {
+        validate_route_auth(auth, after)?;
+    }
+    if let Some(limit) = &route.rate_limit {
+        validate_rate_limit(limit)?;
+    }
     if !(-10_000..=10_000).contains(&route.priority) {
         return Err(FieldError::new("routes.priority", format!("{} is out of range -10000..=10000", route.priority)));
     }
@@ -437,6 +446,70 @@ fn validate_route(route: &RouteSpec, after: &EntityMap) -> Result<(), FieldError
                 ));
             }
         }
+    }
+    Ok(())
+}
+
+fn check_consumers(field: &str, consumers: &[String], after: &EntityMap) -> Result<(), FieldError> {
+    check_len(field, consumers)?;
+    for (index, consumer) in consumers.iter().enumerate() {
+        if !after.contains_key(&(EntityKind::Consumer, consumer.clone())) {
+            return Err(FieldError::new(format!("{field}[{index}]"), format!("no consumer named {consumer:?}")));
+        }
+    }
+    Ok(())
+}
+
+fn validate_route_auth(auth: &AuthSpec, after: &EntityMap) -> Result<(), FieldError> {
+    match auth {
+        AuthSpec::ApiKey { header, query, consumers } => {
+            if header.as_deref().is_some_and(|name| !is_header_name(name)) {
+                return Err(FieldError::new("routes.auth.header", "must be a header name"));
+            }
+            if query.as_deref().is_some_and(|name| name.is_empty() || name.contains(['&', '=', '#', ' '])) {
+                return Err(FieldError::new("routes.auth.query", "must be a query parameter name"));
+            }
+            check_consumers("routes.auth.consumers", consumers, after)
+        }
+        AuthSpec::Jwt(jwt) => validate_jwt(jwt, after),
+    }
+}
+
+fn validate_jwt(jwt: &JwtSpec, after: &EntityMap) -> Result<(), FieldError> {
+    if jwt.algorithms.is_empty() {
+        return Err(FieldError::new("routes.auth.algorithms", "at least one of HS256, RS256, ES256"));
+    }
+    for (index, algorithm) in jwt.algorithms.iter().enumerate() {
+        if !matches!(algorithm.as_str(), "HS256" | "RS256" | "ES256") {
+            let field = format!("routes.auth.algorithms[{index}]");
+            return Err(FieldError::new(field, format!("{algorithm:?} is not one of HS256, RS256, ES256")));
+        }
+    }
+    // The CONFIG stream is the record, replayed and copied everywhere: no shared secret goes in.
+    if jwt.secret.is_some() {
+        return Err(FieldError::new(
+            "routes.auth.secret",
+            "shared secrets are not stored in the config ledger; use RS256/ES256 with public_key_pem or a JWKS",
+        ));
+    }
+    let asymmetric = jwt.algorithms.iter().any(|algorithm| algorithm != "HS256");
+    if asymmetric && jwt.public_key_pem.is_none() && jwt.jwks_file.is_none() && jwt.jwks_url.is_none() {
+        return Err(FieldError::new(
+            "routes.auth.public_key_pem",
+            "RS256/ES256 need public_key_pem, jwks_file or jwks_url",
+        ));
+    }
+    if let Some(url) = &jwt.jwks_url {
+        check_target_url("routes.auth.jwks_url", url.split('?').next().unwrap_or(url))?;
+    }
+    check_consumers("routes.auth.consumers", &jwt.consumers, after)
+}
+
+fn validate_rate_limit(limit: &RateLimitSpec) -> Result<(), FieldError> {
+    check_range("routes.rate_limit.requests", limit.requests, 1, 1_000_000_000)?;
+    check_range("routes.rate_limit.window_secs", limit.window_secs, 1, 86_400)?;
+    if limit.by.as_deref().is_some_and(|by| !matches!(by, "consumer" | "ip" | "route")) {
+        return Err(FieldError::new("routes.rate_limit.by", "must be \"consumer\", \"ip\" or \"route\""));
     }
     Ok(())
 }
@@ -502,9 +575,10 @@ fn validate_policy(policy: &PolicySpec, after: &EntityMap) -> Result<(), FieldEr
     match policy.policy_type.as_str() {
         "auth" => {
             check_known_settings(policy, &["type", "header"])?;
-            match policy.settings.get("type").and_then(|value| value.as_str()) {
-                Some("api_key") => {}
-                _ => return Err(FieldError::new("policies.settings.type", "must be \"api_key\"")),
+            match policy.settings.get("type") {
+                None => {}
+                Some(value) if value.as_str() == Some("api_key") => {}
+                Some(_) => return Err(FieldError::new("policies.settings.type", "must be \"api_key\" (the default)")),
             }
             if policy.settings.get("header").is_some_and(|header| !header.as_str().is_some_and(is_header_name)) {
                 return Err(FieldError::new("policies.settings.header", "must be a header name"));
@@ -547,6 +621,11 @@ fn check_unreferenced(kind: EntityKind, name: &str, after: &EntityMap) -> Result
         let refers = match (kind, spec) {
             (EntityKind::Upstream, EntitySpec::Route(route)) => route.upstream == name,
             (EntityKind::Route, EntitySpec::Policy(policy)) => policy.routes.iter().any(|route| route == name),
+            (EntityKind::Consumer, EntitySpec::Route(route)) => match route.auth.as_ref() {
+                Some(AuthSpec::ApiKey { consumers, .. }) => consumers.iter().any(|consumer| consumer == name),
+                Some(AuthSpec::Jwt(jwt)) => jwt.consumers.iter().any(|consumer| consumer == name),
+                None => false,
+            },
             _ => false,
         };
         if refers {
@@ -630,6 +709,29 @@ mod tests {
             check(route_with("r", json!({"cache": {"default_ttl_s": 999_999_999u64}}))),
             "routes.cache.default_ttl_s"
         );
+        assert_eq!(
+            check(route_with("r", json!({"auth": {"type": "api_key", "consumers": ["ghost"]}}))),
+            "routes.auth.consumers[0]"
+        );
+        assert_eq!(
+            check(route_with("r", json!({"auth": {"type": "api_key", "header": "x key"}}))),
+            "routes.auth.header"
+        );
+        let hs256 = json!({"auth": {"type": "jwt", "algorithms": ["HS256"], "secret": "s3cret"}});
+        assert_eq!(check(route_with("r", hs256)), "routes.auth.secret");
+        let keyless = json!({"auth": {"type": "jwt", "algorithms": ["RS256"]}});
+        assert_eq!(check(route_with("r", keyless)), "routes.auth.public_key_pem");
+        let jwks =
+            json!({"auth": {"type": "jwt", "algorithms": ["RS256"], "jwks_url": "https://id.example.com/jwks.json"}});
+        assert_eq!(check(route_with("r", jwks)), "Ok(())");
+        assert_eq!(
+            check(route_with("r", json!({"rate_limit": {"requests": 0, "window_secs": 1}}))),
+            "routes.rate_limit.requests"
+        );
+        assert_eq!(
+            check(route_with("r", json!({"rate_limit": {"requests": 5, "window_secs": 1, "by": "moon"}}))),
+            "routes.rate_limit.by"
+        );
         let hashed = json!({"name": "v", "targets": [{"url": "http://a:1"}], "hash_on": {"header": "bad header"}});
         assert_eq!(check(spec(EntityKind::Upstream, hashed)), "upstreams.hash_on.header");
         let ejection = json!({"name": "v", "targets": [{"url": "http://a:1"}],
@@ -665,6 +767,19 @@ mod tests {
         let delete_upstream = [ProposedChange::Delete { kind: EntityKind::Upstream, name: "u".into() }];
         assert!(matches!(validate_changes(&state, &delete_upstream), Err(ValidationError::InUse(_))));
         let consumer = spec(EntityKind::Consumer, json!({"name": "c"}));
-        assert_eq!(validate_changes(&state, &[ProposedChange::upsert(consumer)]), Ok(()));
+        assert_eq!(validate_changes(&state, &[ProposedChange::upsert(consumer.clone())]), Ok(()));
+        // A route naming a consumer keeps it from being deleted.
+        let guarded = route_with("g", json!({"paths": ["/g"], "auth": {"type": "api_key", "consumers": ["c"]}}));
+        let both = [ProposedChange::upsert(consumer), ProposedChange::upsert(guarded)];
+        assert_eq!(validate_changes(&state, &both), Ok(()));
+        let mut with_route = state.clone();
+        for (offset, change) in both.iter().enumerate() {
+            if let ProposedChange::Upsert(spec) = change {
+                let seq = 10 + offset as u64;
+                with_route.apply(seq, super::super::tests_support::upsert(spec.as_ref().clone(), seq));
+            }
+        }
+        let delete_consumer = [ProposedChange::Delete { kind: EntityKind::Consumer, name: "c".into() }];
+        assert!(matches!(validate_changes(&with_route, &delete_consumer), Err(ValidationError::InUse(_))));
     }
 }
