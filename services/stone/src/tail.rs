@@ -145,7 +145,10 @@ fn summary_line(event: &SseEvent) -> String {
             data["total_us"].as_f64().unwrap_or(0.0) / 1000.0,
             data["cache"].as_str().unwrap_or(""),
         ),
-        "lagged" => format!("missed {} events ({}..{}); they stay in the stream", json["missed"], json["first_seq"], json["last_seq"]),
+        "lagged" => format!(
+            "missed {} events ({}..{}); they stay in the stream",
+            json["missed"], json["first_seq"], json["last_seq"]
+        ),
         _ => data.to_string(),
     };
     format!("{sequence:>8}  {time}  {kind:<24} {detail}")
