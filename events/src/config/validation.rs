@@ -8,6 +8,7 @@
 //! touched entity is checked against the result, so the order of changes inside one apply does not
 //! matter (a route may come before the upstream it names).
 
+use std::borrow::Borrow;
 use std::collections::{BTreeMap, BTreeSet};
 
 use super::{
@@ -621,11 +622,14 @@ fn check_unreferenced(kind: EntityKind, name: &str, after: &EntityMap) -> Result
         let refers = match (kind, spec) {
             (EntityKind::Upstream, EntitySpec::Route(route)) => route.upstream == name,
             (EntityKind::Route, EntitySpec::Policy(policy)) => policy.routes.iter().any(|route| route == name),
-            (EntityKind::Consumer, EntitySpec::Route(route)) => match route.auth.as_ref() {
-                Some(AuthSpec::ApiKey { consumers, .. }) => consumers.iter().any(|consumer| consumer == name),
-                Some(AuthSpec::Jwt(jwt)) => jwt.consumers.iter().any(|consumer| consumer == name),
-                None => false,
-            },
+            // `Borrow` reads the auth spec whether the route stores it inline or boxed.
+            (EntityKind::Consumer, EntitySpec::Route(route)) => {
+                match route.auth.as_ref().map(Borrow::<AuthSpec>::borrow) {
+                    Some(AuthSpec::ApiKey { consumers, .. }) => consumers.iter().any(|consumer| consumer == name),
+                    Some(AuthSpec::Jwt(jwt)) => jwt.consumers.iter().any(|consumer| consumer == name),
+                    None => false,
+                }
+            }
             _ => false,
         };
         if refers {

@@ -163,10 +163,26 @@ impl ConfigApp {
         Ok(payloads)
     }
 
+    /// Stops the services; the streams and the database go when the app is dropped.
     pub async fn finish(self) {
         let _ = self.projector.drain(Duration::from_secs(5)).await;
         let _ = self.shutdown.drain(Duration::from_secs(5)).await;
         self.pool.close().await;
-        stone_kit::testing::cleanup(&self.config).await;
+    }
+}
+
+impl Drop for ConfigApp {
+    /// Cleans up also when a test fails half-way (the drop runs while unwinding): on a thread of
+    /// its own with its own runtime, because the test's runtime may be the one unwinding.
+    fn drop(&mut self) {
+        self.shutdown.trigger();
+        self.projector.trigger();
+        let config = self.config.clone();
+        let cleanup = std::thread::spawn(move || {
+            if let Ok(runtime) = tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                runtime.block_on(stone_kit::testing::cleanup(&config));
+            }
+        });
+        let _ = cleanup.join();
     }
 }
