@@ -171,8 +171,9 @@ pub struct RouteSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_body_bytes: Option<u64>,
     /// Authentication required by this route (auth policies attached to the route apply too).
+    // Boxed like `cache`: most routes have none, and specs travel in enums.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub auth: Option<AuthSpec>,
+    pub auth: Option<Box<AuthSpec>>,
     /// Rate limit of this route (rate-limit policies attached to the route apply too).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limit: Option<RateLimitSpec>,

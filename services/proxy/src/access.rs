@@ -45,7 +45,7 @@ impl AccessTable {
         let mut access: HashMap<String, RouteAccess> = HashMap::new();
         for route in routes {
             let entry = access.entry(route.name.clone()).or_default();
-            if let Some(spec) = &route.auth {
+            if let Some(spec) = route.auth.as_deref() {
                 entry.auth =
                     Some(AuthRule::compile(spec).map_err(|message| format!("route {:?}: {message}", route.name))?);
             }

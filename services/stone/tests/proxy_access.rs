@@ -78,11 +78,11 @@ async fn api_keys_in_header_or_query_with_401_versus_403() -> TestResult {
             })
         };
         let keyed = RouteSpec {
-            auth: Some(AuthSpec::ApiKey {
+            auth: Some(Box::new(AuthSpec::ApiKey {
                 header: None,
                 query: Some("api_key".into()),
                 consumers: vec!["alice".into()],
-            }),
+            })),
             ..route("keyed", "/keyed/*")
         };
         let policy = EntitySpec::Policy(PolicySpec {
@@ -207,10 +207,10 @@ async fn jwt_hs256_rs256_es256_with_claims_checked() -> TestResult {
             consumers: vec![],
         };
         let routes = vec![
-            RouteSpec { auth: Some(AuthSpec::Jwt(jwt(&["HS256"], Some("shared-secret"), None))), ..route("hs", "/hs/*") },
-            RouteSpec { auth: Some(AuthSpec::Jwt(jwt(&["RS256"], None, Some(&rsa_public)))), ..route("rs", "/rs/*") },
+            RouteSpec { auth: Some(Box::new(AuthSpec::Jwt(jwt(&["HS256"], Some("shared-secret"), None)))), ..route("hs", "/hs/*") },
+            RouteSpec { auth: Some(Box::new(AuthSpec::Jwt(jwt(&["RS256"], None, Some(&rsa_public))))), ..route("rs", "/rs/*") },
             RouteSpec {
-                auth: Some(AuthSpec::Jwt(JwtSpec { consumers: vec!["carol".into()], ..jwt(&["ES256"], None, Some(&ec_public)) })),
+                auth: Some(Box::new(AuthSpec::Jwt(JwtSpec { consumers: vec!["carol".into()], ..jwt(&["ES256"], None, Some(&ec_public)) }))),
                 ..route("es", "/es/*")
             },
         ];
