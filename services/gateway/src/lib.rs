@@ -113,13 +113,14 @@ pub async fn build(config: &StoneConfig, shutdown: &Shutdown) -> anyhow::Result<
     let (ledger, follower) =
         config::Ledger::start(js.clone(), config.namespace(), "gateway".to_owned(), shutdown.token());
     shutdown.spawn(follower);
-    let state = AppState::from_config(config).with_config(config::ConfigContext { pool: postgres, ledger });
+    let state = AppState::from_config(config).with_config(config::ConfigContext { pool: postgres.clone(), ledger });
     let stream_state = streams::StreamState {
         js,
         namespace: config.namespace(),
         buffer: config.gateway.stream_buffer,
         slots: std::sync::Arc::new(tokio::sync::Semaphore::new(config.gateway.max_streams)),
         shutdown: shutdown.token(),
+        tokens: postgres,
     };
     shutdown.spawn(readiness::probe_clickhouse(config.clone(), state.readiness.clone(), shutdown.token()));
     let workers_state = workers::WorkersState { js: stream_state.js.clone(), namespace: config.namespace() };

@@ -10,6 +10,9 @@
 //!   never memory: it then receives one `lagged` event saying how many it missed and from which
 //!   sequences, and can reconnect with `Last-Event-ID` to fetch them from the stream.
 //! - Open streams are bounded (`gateway.max_streams`); a heartbeat comment goes out every 15 s.
+//! - A token with the read scope is required: `Authorization: Bearer …`, or `access_token` in the
+//!   query for browsers, whose `EventSource` cannot set headers (prefer short-lived read tokens
+//!   there: URLs end up in histories and proxy logs).
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -39,6 +42,8 @@ pub struct StreamState {
     pub buffer: usize,
     pub slots: Arc<Semaphore>,
     pub shutdown: CancellationToken,
+    /// Where read tokens are checked.
+    pub tokens: sqlx::PgPool,
 }
 
 pub fn routes(state: StreamState) -> Router {
@@ -74,6 +79,9 @@ pub struct StreamFilter {
     pub from_seq: Option<u64>,
     /// Start at this time (RFC 3339).
     pub from_time: Option<String>,
+    /// A read token, for clients that cannot send `Authorization` (browsers' `EventSource`).
+    #[param(value_type = Option<String>)]
+    pub access_token: Option<stone_kit::config::Secret>,
 }
 
 fn token<'a>(field: &str, value: &'a Option<String>) -> Result<&'a str, ApiError> {
@@ -224,9 +232,12 @@ impl StreamPlan {
     path = "/v1/streams/events",
     tag = "streams",
     params(StreamFilter),
+    security(("bearer" = [])),
     responses(
         (status = 200, description = "text/event-stream: `id:` is the stream sequence, `event:` the event type, `data:` the envelope (current version); also `lagged` and `undecodable` events", content_type = "text/event-stream"),
         (status = 400, description = "Invalid filter", body = crate::error::ErrorBody),
+        (status = 401, description = "Missing or invalid token", body = crate::error::ErrorBody),
+        (status = 403, description = "The token lacks the read scope", body = crate::error::ErrorBody),
         (status = 503, description = "Too many open streams", body = crate::error::ErrorBody),
     )
 )]
@@ -234,9 +245,39 @@ pub async fn stream_events(
     State(state): State<StreamState>,
     headers: HeaderMap,
     Query(filter): Query<StreamFilter>,
-) -> Result<Sse<impl futures::Stream<Item = Result<SseEvent, Infallible>>>, ApiError> {
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let token = bearer(&headers).or(filter.access_token.as_ref().map(|secret| secret.0.as_str()));
+    let Some(token) = token else {
+        return crate::auth::AuthError::Missing.into_response();
+    };
+    match crate::auth::authenticate(&state.tokens, token).await {
+        Ok(caller) if caller.scope >= crate::auth::Scope::Read => {}
+        Ok(caller) => {
+            return crate::auth::AuthError::InsufficientScope { required: "read", held: caller.scope.as_str() }
+                .into_response();
+        }
+        Err(error) => return error.into_response(),
+    }
+    match open_stream(state, &headers, &filter).await {
+        Ok(stream) => stream.into_response(),
+        Err(error) => error.into_response(),
+    }
+}
+
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(axum::http::header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim()).filter(|token| !token.is_empty())
+}
+
+async fn open_stream(
+    state: StreamState,
+    headers: &HeaderMap,
+    filter: &StreamFilter,
+) -> Result<Sse<impl futures::Stream<Item = Result<SseEvent, Infallible>> + use<>>, ApiError> {
     let plan = filter.plan(&state.namespace)?;
-    let deliver_policy = filter.deliver_policy(&headers)?;
+    let deliver_policy = filter.deliver_policy(headers)?;
     let permit = Arc::clone(&state.slots)
         .try_acquire_owned()
         .map_err(|_| ApiError::Overloaded { message: "too many live streams are open; retry later".to_owned() })?;

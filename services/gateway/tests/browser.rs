@@ -49,7 +49,12 @@ async fn event_source_in_headless_chromium_receives_the_stream() {
         js.publish(subject, envelope.to_json().unwrap().into()).await.unwrap().await.unwrap();
     }
 
-    let url = format!("http://{}/ui/live?route=web&from_seq=0&limit={PUBLISHED}", gateway.local_addr());
+    let pool = sqlx::PgPool::connect(&config.database_url).await.unwrap();
+    let token =
+        stone_gateway::auth::create_token(&pool, "browser", stone_gateway::auth::Scope::Read).await.unwrap().token;
+    pool.close().await;
+    let url =
+        format!("http://{}/ui/live?route=web&from_seq=0&limit={PUBLISHED}&access_token={token}", gateway.local_addr());
     let profile = std::env::temp_dir().join(format!("stone-chromium-{}", config.namespace));
     // coreutils' `timeout` bounds a hung browser; std's Command runs on a blocking thread.
     let arguments = [

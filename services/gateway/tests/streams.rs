@@ -45,6 +45,9 @@ struct App {
     shutdown: Shutdown,
     base: String,
     js: jetstream::Context,
+    /// A read-scope token.
+    token: String,
+    pool: sqlx::PgPool,
 }
 
 impl App {
@@ -55,7 +58,10 @@ impl App {
         let shutdown = Shutdown::new();
         let gateway = stone_gateway::build(&config, &shutdown).await.unwrap();
         let js = jetstream::new(async_nats::connect(config.nats_url.as_str()).await.unwrap());
-        App { base: format!("http://{}", gateway.local_addr()), config, shutdown, js }
+        let pool = sqlx::PgPool::connect(&config.database_url).await.unwrap();
+        let token =
+            stone_gateway::auth::create_token(&pool, "reader", stone_gateway::auth::Scope::Read).await.unwrap().token;
+        App { base: format!("http://{}", gateway.local_addr()), config, shutdown, js, token, pool }
     }
 
     async fn publish<T: EventData>(&self, data: T) -> u64 {
@@ -66,9 +72,16 @@ impl App {
     }
 
     async fn open(&self, query: &str, last_event_id: Option<u64>) -> (u16, SseReader) {
+        self.open_as(query, last_event_id, Some(&self.token)).await
+    }
+
+    async fn open_as(&self, query: &str, last_event_id: Option<u64>, token: Option<&str>) -> (u16, SseReader) {
         let client: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
         let mut builder = hyper::Request::get(format!("{}/v1/streams/events?{query}", self.base))
             .header("accept", "text/event-stream");
+        if let Some(token) = token {
+            builder = builder.header("authorization", format!("Bearer {token}"));
+        }
         if let Some(id) = last_event_id {
             builder = builder.header("last-event-id", id.to_string());
         }
@@ -77,6 +90,7 @@ impl App {
     }
 
     async fn finish(self) {
+        self.pool.close().await;
         let _ = self.shutdown.drain(Duration::from_secs(5)).await;
         stone_kit::testing::cleanup(&self.config).await;
     }
@@ -182,13 +196,26 @@ async fn filtered_stream_resumes_without_gaps_or_duplicates() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_filters_and_too_many_streams_are_refused() {
     let app = App::start(1).await;
-    let (status, _) = app.open("route=bad.name", None).await;
-    assert_eq!(status, 400);
-    let (status, _) = app.open("colour=blue", None).await;
-    assert_eq!(status, 400);
-
-    let (status, _first) = app.open("", None).await;
+    // No token, a bad token, then the token as a query parameter (how browsers send it).
+    assert_eq!(app.open_as("", None, None).await.0, 401);
+    assert_eq!(app.open_as("", None, Some("stn_nope_nope")).await.0, 401);
+    let (status, query_token_stream) = app.open_as(&format!("access_token={}", app.token), None, None).await;
     assert_eq!(status, 200);
+    drop(query_token_stream);
+    assert_eq!(app.open("route=bad.name", None).await.0, 400);
+    assert_eq!(app.open("colour=blue", None).await.0, 400);
+    // The slot comes back once the server notices the disconnect: wait for it, bounded.
+    let mut first = None;
+    for _ in 0..100 {
+        let (status, stream) = app.open("", None).await;
+        if status == 200 {
+            first = Some(stream);
+            break;
+        }
+        assert_eq!(status, 503);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(first.is_some(), "the stream slot was released");
     let (status, _) = app.open("", None).await;
     assert_eq!(status, 503, "only one stream may be open");
     app.finish().await;
