@@ -94,9 +94,15 @@ async fn measure(config: &StoneConfig, args: &PipelineBenchArgs) -> anyhow::Resu
     let publish_rate = args.events as f64 / started.elapsed().as_secs_f64();
     line(&mut report, format!("published {} events at {publish_rate:.0} ev/s", args.events));
 
-    // 2. Raw consume: the same events, one pull consumer per partition, batch acks, no work.
-    let consume_rate = raw_consume(config, &js, args.events).await?;
-    line(&mut report, format!("raw JetStream consume: {consume_rate:.0} ev/s"));
+    // 2. Raw consume: the same events, one pull consumer per partition (the projector's access
+    // path), batch acks, no work; and, for reference, one consumer over the whole stream.
+    let whole_stream_rate = raw_consume(config, &js, args.events, None).await?;
+    line(&mut report, format!("raw JetStream consume, one consumer, no filter: {whole_stream_rate:.0} ev/s"));
+    let consume_rate = raw_consume(config, &js, args.events, Some(config.partitions)).await?;
+    line(
+        &mut report,
+        format!("raw JetStream consume, {} partition-filtered consumers: {consume_rate:.0} ev/s", config.partitions),
+    );
 
     // 3. The projector.
     let shutdown = Shutdown::new();
@@ -190,17 +196,29 @@ async fn measure(config: &StoneConfig, args: &PipelineBenchArgs) -> anyhow::Resu
     Ok(report)
 }
 
-/// Reads every event once through one pull consumer per partition, acknowledging batches.
-async fn raw_consume(config: &StoneConfig, js: &async_nats::jetstream::Context, events: u64) -> anyhow::Result<f64> {
+/// Reads every event once, through one pull consumer per partition (`Some(partitions)`) or one
+/// consumer over the whole stream (`None`), acknowledging batches.
+async fn raw_consume(
+    config: &StoneConfig,
+    js: &async_nats::jetstream::Context,
+    events: u64,
+    partitions: Option<u16>,
+) -> anyhow::Result<f64> {
     let namespace = config.namespace();
     let stream = js.get_stream(namespace.stream_name("EVENTS")).await?;
     let started = Instant::now();
     let mut tasks = Vec::new();
-    for partition in 0..config.partitions {
+    let filters: Vec<(String, String)> = match partitions {
+        Some(count) => {
+            (0..count).map(|partition| (format!("raw-p{partition}"), namespace.partition_filter(partition))).collect()
+        }
+        None => vec![("raw-all".to_owned(), namespace.events_wildcard())],
+    };
+    for (name, filter_subject) in filters {
         let consumer = stream
             .create_consumer(pull::Config {
-                durable_name: Some(format!("raw-p{partition}")),
-                filter_subject: namespace.partition_filter(partition),
+                durable_name: Some(name),
+                filter_subject,
                 deliver_policy: DeliverPolicy::All,
                 ack_policy: AckPolicy::All,
                 max_ack_pending: 100_000,
@@ -284,7 +302,7 @@ async fn freshness(
             tokio::time::sleep(wait).await;
         }
         let mut envelope = synthetic::request(10_000_000_000 + index, OffsetDateTime::now_utc());
-        if index % (args.rate / 100).max(1) == 0 {
+        if index.is_multiple_of((args.rate / 100).max(1)) {
             envelope.data.consumer = Some("bench-marker".to_owned());
             published.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.insert(envelope.id.to_string(), Instant::now());
             marked += 1;
