@@ -9,6 +9,8 @@ use clap::{Parser, Subcommand};
 use stone_kit::{Shutdown, StoneConfig};
 
 mod apply;
+#[path = "bench/cache.rs"]
+mod bench_cache;
 #[path = "bench/pipeline.rs"]
 mod bench_pipeline;
 #[path = "bench/proxy.rs"]
@@ -62,6 +64,8 @@ enum BenchCommand {
     /// The analytics pipeline against raw JetStream consumption, freshness through the API, and
     /// endpoint latency, as ratios.
     Pipeline(bench_pipeline::PipelineBenchArgs),
+    /// Cache hits against nginx proxy_cache serving the same object, and Redis-tier hit latency.
+    Cache(bench_cache::CacheBenchArgs),
 }
 
 fn main() {
@@ -76,6 +80,7 @@ fn run() -> anyhow::Result<()> {
     let command = match cli.command {
         Command::Bench(BenchCommand::Proxy(args)) => return bench_proxy::run(&config, args),
         Command::Bench(BenchCommand::Pipeline(args)) => return runtime.block_on(bench_pipeline::run(&config, args)),
+        Command::Bench(BenchCommand::Cache(args)) => return bench_cache::run(&config, &runtime, args),
         Command::Apply(args) => return runtime.block_on(apply::run(args)),
         Command::Config(command) => return runtime.block_on(config_cmd::run_config(command)),
         Command::Token(command) => return runtime.block_on(config_cmd::run_token(&config, command)),
