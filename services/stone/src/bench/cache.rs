@@ -23,7 +23,8 @@ use http_body_util::BodyExt;
 use stone_kit::StoneConfig;
 
 use crate::bench_proxy::{
-    Guard, delete_namespace, free_port, http_ok, parse_wrk, require, start_nginx, uuid_suffix, wait_until,
+    Guard, delete_namespace, emit_report, free_port, http_ok, parse_wrk, require, start_nginx, uuid_suffix, wait_until,
+    with_scratch_site,
 };
 
 #[derive(Debug, Args)]
@@ -238,26 +239,9 @@ fn lookup_parts() -> hyper::http::request::Parts {
 pub fn run(config: &StoneConfig, runtime: &tokio::runtime::Runtime, args: CacheBenchArgs) -> anyhow::Result<()> {
     require("wrk")?;
     require("nginx")?;
-    let dir = std::env::temp_dir().join(format!("stone-bench-cache-{}", uuid_suffix()));
-    std::fs::create_dir_all(dir.join("www"))?;
-    std::fs::write(dir.join("www").join("1k"), vec![b'x'; 1024])?;
-    let outcome = run_in(config, &args, &dir);
-    let _ = std::fs::remove_dir_all(&dir);
-    let mut results = outcome?;
+    let mut results = with_scratch_site("stone-bench-cache", |dir| run_in(config, &args, dir))?;
     results.push(runtime.block_on(redis_tier(config, &args))?);
-    let report = report(&args, &results);
-    println_report(&report);
-    if let Some(path) = &args.record {
-        let mut file = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
-        file.write_all(report.as_bytes())?;
-        eprintln!("bench: appended to {}", path.display());
-    }
-    Ok(())
-}
-
-#[allow(clippy::print_stdout)] // the report is the command's output
-fn println_report(report: &str) {
-    print!("{report}");
+    emit_report(&report(&args, &results), args.record.as_deref())
 }
 
 fn run_in(config: &StoneConfig, args: &CacheBenchArgs, dir: &Path) -> anyhow::Result<Vec<Measurement>> {

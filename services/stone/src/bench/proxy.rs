@@ -272,15 +272,25 @@ pub(crate) fn delete_namespace(config: &StoneConfig, namespace: &str) {
 pub fn run(config: &StoneConfig, args: ProxyBenchArgs) -> anyhow::Result<()> {
     require("wrk")?;
     require("nginx")?;
-    let dir = std::env::temp_dir().join(format!("stone-bench-{}", uuid_suffix()));
+    let results = with_scratch_site("stone-bench", |dir| run_in(config, &args, dir))?;
+    emit_report(&report(&args, &results), args.record.as_deref())
+}
+
+/// Runs `bench` with a fresh scratch folder holding `www/1k` (the 1 KiB object every benchmark
+/// serves), and removes the folder whatever the outcome.
+pub(crate) fn with_scratch_site<T>(prefix: &str, bench: impl FnOnce(&Path) -> anyhow::Result<T>) -> anyhow::Result<T> {
+    let dir = std::env::temp_dir().join(format!("{prefix}-{}", uuid_suffix()));
     std::fs::create_dir_all(dir.join("www"))?;
     std::fs::write(dir.join("www").join("1k"), vec![b'x'; 1024])?;
-    let outcome = run_in(config, &args, &dir);
+    let outcome = bench(&dir);
     let _ = std::fs::remove_dir_all(&dir);
-    let results = outcome?;
-    let report = report(&args, &results);
-    println_report(&report);
-    if let Some(path) = &args.record {
+    outcome
+}
+
+/// Prints a report (the command's output) and appends it to `record` when given.
+pub(crate) fn emit_report(report: &str, record: Option<&Path>) -> anyhow::Result<()> {
+    println_report(report);
+    if let Some(path) = record {
         let mut file = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
         file.write_all(report.as_bytes())?;
         eprintln!("bench: appended to {}", path.display());
