@@ -92,6 +92,11 @@ pub struct RateLimitDecision {
     pub limited: bool,
     /// Requests left in the window after this one.
     pub remaining: u64,
+    /// The shared store (Redis) did not answer in time, so the limit was not checked; `limited`
+    /// then says what `proxy.rate_limit_failure` decided (false: failed open, true: failed
+    /// closed). Omitted when false, and false in events written before the field existed.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub store_unavailable: bool,
 }
 
 /// `request.completed` version 2 (current).

@@ -50,14 +50,16 @@ prop_compose! {
         upstream in prop::option::of(text()), consumer in prop::option::of(text()),
         status in 100u16..600, total_us in any::<u64>(), upstream_us in prop::option::of(any::<u64>()),
         bytes_in in any::<u64>(), bytes_out in any::<u64>(), cache in cache_status(), error in error_kind(),
-        limited in prop::option::of((text(), any::<bool>(), any::<u64>())),
+        limited in prop::option::of((text(), any::<bool>(), any::<u64>(), any::<bool>())),
     ) -> RequestCompleted {
         RequestCompleted {
             method, host, route, path_template: path.clone(), path, upstream: upstream.clone(),
             target: upstream.map(|u| format!("http://{u}")), consumer, client_ip: None,
             protocol: "HTTP/1.1".into(), status, total_us, upstream_us, ttfb_us: upstream_us,
             bytes_in, bytes_out, cache, error,
-            rate_limit: limited.map(|(policy, limited, remaining)| RateLimitDecision { policy, limited, remaining }),
+            rate_limit: limited.map(|(policy, limited, remaining, store_unavailable)| {
+                RateLimitDecision { policy, limited, remaining, store_unavailable }
+            }),
         }
     }
 }

@@ -163,6 +163,34 @@ pub struct ProxyConfig {
     pub retry_budget_ratio: f64,
     /// Emit events; off only for benchmarks that compare against a proxy without logging.
     pub emit_events: bool,
+    /// The TLS listener, beside the plain one; off while no certificate is configured.
+    pub tls: ProxyTlsConfig,
+    /// How often a JWT route's JWKS (file or URL) is read again; a failed refresh keeps the keys.
+    pub jwks_refresh_secs: u64,
+}
+
+/// The proxy's TLS listener (rustls): HTTP/2 or HTTP/1.1, as ALPN negotiates.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ProxyTlsConfig {
+    pub listen: SocketAddr,
+    /// PEM file with the certificate chain, leaf first; empty keeps TLS off.
+    pub cert_path: PathBuf,
+    /// PEM file with the private key (PKCS#8, PKCS#1 or SEC1).
+    pub key_path: PathBuf,
+}
+
+impl ProxyTlsConfig {
+    /// Whether the TLS listener runs: a certificate and a key are configured.
+    pub fn enabled(&self) -> bool {
+        !self.cert_path.as_os_str().is_empty()
+    }
+}
+
+impl Default for ProxyTlsConfig {
+    fn default() -> Self {
+        Self { listen: SocketAddr::from(([127, 0, 0, 1], 8443)), cert_path: PathBuf::new(), key_path: PathBuf::new() }
+    }
 }
 
 /// Source of a worker's routing configuration.
@@ -217,6 +245,8 @@ impl Default for ProxyConfig {
             max_request_body_bytes: 16 * 1024 * 1024,
             retry_budget_ratio: 0.2,
             emit_events: true,
+            tls: ProxyTlsConfig::default(),
+            jwks_refresh_secs: 300,
         }
     }
 }
@@ -351,6 +381,18 @@ impl StoneConfig {
         if self.proxy.spool_dir.as_os_str().is_empty() {
             return Err(invalid("proxy.spool_dir", "must name a folder"));
         }
+        let tls = &self.proxy.tls;
+        match (tls.cert_path.as_os_str().is_empty(), tls.key_path.as_os_str().is_empty()) {
+            (true, false) => return Err(invalid("proxy.tls.cert_path", "must be set with proxy.tls.key_path")),
+            (false, true) => return Err(invalid("proxy.tls.key_path", "must be set with proxy.tls.cert_path")),
+            _ => {}
+        }
+        if tls.enabled() && tls.listen == self.proxy.listen {
+            return Err(invalid("proxy.tls.listen", "must differ from proxy.listen"));
+        }
+        if self.proxy.jwks_refresh_secs == 0 {
+            return Err(invalid("proxy.jwks_refresh_secs", "must be positive"));
+        }
         if !(1..=1_000_000).contains(&self.analytics.batch_max_rows) {
             // One batch must stay one ClickHouse block per table and day (max_insert_block_size).
             return Err(invalid("analytics.batch_max_rows", "must be between 1 and 1000000"));
@@ -459,6 +501,13 @@ mod tests {
         )?;
         assert_eq!(config.nats_url, "nats://10.0.0.1:4222");
         assert_eq!(config.proxy.listen.port(), 9001);
+        assert!(!config.proxy.tls.enabled(), "TLS is off by default");
+        let tls = load_in_jail(
+            Some("[proxy.tls]\nlisten = \"0.0.0.0:8443\"\ncert_path = \"cert.pem\"\n"),
+            &[("STONE_PROXY__TLS__KEY_PATH", "key.pem")],
+        )?;
+        assert!(tls.proxy.tls.enabled());
+        assert_eq!(tls.proxy.tls.key_path, Path::new("key.pem"));
         Ok(())
     }
 
@@ -472,6 +521,8 @@ mod tests {
         assert!(bad_url.as_deref().is_some_and(|m| m.contains("nats_url")), "{bad_url:?}");
         let bad_window = load_in_jail(Some("[events]\nduplicate_window_secs = 5\n"), &[]).err();
         assert!(bad_window.as_deref().is_some_and(|m| m.contains("events.duplicate_window_secs")), "{bad_window:?}");
+        let half_tls = load_in_jail(Some("[proxy.tls]\ncert_path = \"cert.pem\"\n"), &[]).err();
+        assert!(half_tls.as_deref().is_some_and(|m| m.contains("proxy.tls.key_path")), "{half_tls:?}");
         let bad_env_type = load_in_jail(None, &[("STONE_PARTITIONS", "many")]).err();
         assert!(
             bad_env_type.as_deref().is_some_and(|m| m.contains("STONE_") && m.contains("PARTITIONS")),

@@ -36,8 +36,12 @@ pub fn isolated(tag: &str) -> StoneConfig {
     config.shutdown_grace_ms = 5_000;
     config.proxy.listen = any_port;
     config.proxy.admin_listen = any_port;
+    config.proxy.tls.listen = any_port;
     config.gateway.listen = any_port;
     config.analytics.admin_listen = any_port;
+    // A spool folder of its own: a worker locks its folder, so tests running side by side must
+    // not share the default `.stone/spool`.
+    config.proxy.spool_dir = std::env::temp_dir().join(format!("stone-spool-{}", config.namespace));
     config
 }
 
@@ -76,6 +80,9 @@ pub async fn cleanup(config: &StoneConfig) {
     {
         let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS \"{database}\" WITH (FORCE)")).execute(&admin).await;
         admin.close().await;
+    }
+    if config.proxy.spool_dir.starts_with(std::env::temp_dir()) {
+        let _ = std::fs::remove_dir_all(&config.proxy.spool_dir);
     }
 }
 

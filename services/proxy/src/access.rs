@@ -3,9 +3,14 @@
 //! rate-limit policies attached to the route (`policy.routes`).
 //!
 //! [`check`] runs once per request before it is forwarded; its [`Gate`] either lets the request
-//! pass (with the consumer and rate-limit decision for the event) or answers it: 401 with a
-//! challenge, 403, 429 with `Retry-After` and `RateLimit-*`, or 503 when a shared limit cannot be
-//! checked and the failure mode is `closed`.
+//! pass (with the consumer and rate-limit decision for the event, and the `RateLimit-*` headers
+//! for the response) or answers it: 401 with a challenge, 403, 429 with `Retry-After` and
+//! `RateLimit-*`, or 503 when a shared limit cannot be checked and the failure mode is `closed`.
+//!
+//! `RateLimit-Limit`, `RateLimit-Remaining` and `RateLimit-Reset` (the separate fields of
+//! draft-ietf-httpapi-ratelimit-headers, as most clients and gateways read them) go on every
+//! response of a rate-limited route: the limit with the fewest requests left, and the seconds
+//! until its whole budget is available again. A limit whose store did not answer adds none.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -89,8 +94,9 @@ impl AccessTable {
         if self.routes.is_empty() { None } else { self.routes.get(route) }
     }
 
-    /// Starts the JWKS refreshers of the table's JWT rules; they stop with `token`.
-    pub fn spawn_refreshers(&self, token: &CancellationToken) {
+    /// Starts the JWKS refreshers of the table's JWT rules, reading each JWKS `every`; they stop
+    /// with `token`.
+    pub fn spawn_refreshers(&self, token: &CancellationToken, every: std::time::Duration) {
         for rules in self.routes.values() {
             if let Some(AuthRule::Jwt { rule, .. }) = &rules.auth
                 && let Some(source) = rule.jwks.clone()
@@ -99,6 +105,7 @@ impl AccessTable {
                     Arc::clone(&rule.keys),
                     source,
                     rule.algorithms.clone(),
+                    every,
                     token.clone(),
                 ));
             }
@@ -112,6 +119,8 @@ pub enum Gate {
     Pass {
         consumer: Option<String>,
         rate_limit: Option<RateLimitDecision>,
+        /// `RateLimit-*` for the response (empty when the route has no limit).
+        headers: Vec<(HeaderName, HeaderValue)>,
     },
     Answer {
         status: StatusCode,
@@ -165,7 +174,9 @@ pub async fn check(
             }
         }
     }
-    let mut decision = None;
+    let mut decision: Option<RateLimitDecision> = None;
+    // The limit with the fewest requests left: (requests, remaining, reset).
+    let mut tightest: Option<(u64, u64, std::time::Duration)> = None;
     let client_ip = client.to_string();
     for limit in &access.rate_limits {
         let subject = match limit.by {
@@ -176,11 +187,27 @@ pub async fn check(
             LimitBy::Route => "route".to_owned(),
         };
         match limiter.check(limit, route, &subject).await {
-            Verdict::Allowed { remaining } => {
-                decision = Some(RateLimitDecision { policy: limit.policy.clone(), limited: false, remaining });
+            Verdict::Allowed { remaining, reset } => {
+                if tightest.is_none_or(|(_, left, _)| remaining < left) {
+                    tightest = Some((limit.requests, remaining, reset));
+                    // A limit that could not be checked stays the recorded decision.
+                    if !decision.as_ref().is_some_and(|recorded| recorded.store_unavailable) {
+                        decision = Some(RateLimitDecision {
+                            policy: limit.policy.clone(),
+                            limited: false,
+                            remaining,
+                            store_unavailable: false,
+                        });
+                    }
+                }
             }
             Verdict::FailedOpen => {
-                decision = Some(RateLimitDecision { policy: limit.policy.clone(), limited: false, remaining: 0 });
+                decision = Some(RateLimitDecision {
+                    policy: limit.policy.clone(),
+                    limited: false,
+                    remaining: 0,
+                    store_unavailable: true,
+                });
             }
             Verdict::FailedClosed => {
                 return Gate::Answer {
@@ -189,27 +216,48 @@ pub async fn check(
                     message: "rate limit cannot be checked; retry later",
                     headers: vec![(http::header::RETRY_AFTER, HeaderValue::from_static("1"))],
                     consumer,
-                    rate_limit: Some(RateLimitDecision { policy: limit.policy.clone(), limited: true, remaining: 0 }),
+                    rate_limit: Some(RateLimitDecision {
+                        policy: limit.policy.clone(),
+                        limited: true,
+                        remaining: 0,
+                        store_unavailable: true,
+                    }),
                 };
             }
-            Verdict::Limited { retry_after } => {
-                let seconds = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
-                let headers = vec![
-                    (http::header::RETRY_AFTER, HeaderValue::from(seconds)),
-                    (RATELIMIT_LIMIT.clone(), HeaderValue::from(limit.requests)),
-                    (RATELIMIT_REMAINING.clone(), HeaderValue::from(0u64)),
-                    (RATELIMIT_RESET.clone(), HeaderValue::from(seconds)),
-                ];
+            Verdict::Limited { retry_after, reset } => {
+                let mut headers = vec![(http::header::RETRY_AFTER, HeaderValue::from(seconds_up(retry_after)))];
+                headers.extend(ratelimit_headers(limit.requests, 0, reset));
                 return Gate::Answer {
                     status: StatusCode::TOO_MANY_REQUESTS,
                     kind: ErrorKind::RateLimited,
                     message: "rate limit exceeded",
                     headers,
                     consumer,
-                    rate_limit: Some(RateLimitDecision { policy: limit.policy.clone(), limited: true, remaining: 0 }),
+                    rate_limit: Some(RateLimitDecision {
+                        policy: limit.policy.clone(),
+                        limited: true,
+                        remaining: 0,
+                        store_unavailable: false,
+                    }),
                 };
             }
         }
     }
-    Gate::Pass { consumer, rate_limit: decision }
+    let headers = tightest
+        .map(|(requests, remaining, reset)| ratelimit_headers(requests, remaining, reset).to_vec())
+        .unwrap_or_default();
+    Gate::Pass { consumer, rate_limit: decision, headers }
+}
+
+/// Whole seconds, rounded up (a client waiting the rounded-down figure would come back too early).
+fn seconds_up(duration: std::time::Duration) -> u64 {
+    duration.as_secs() + u64::from(duration.subsec_nanos() > 0)
+}
+
+fn ratelimit_headers(requests: u64, remaining: u64, reset: std::time::Duration) -> [(HeaderName, HeaderValue); 3] {
+    [
+        (RATELIMIT_LIMIT.clone(), HeaderValue::from(requests)),
+        (RATELIMIT_REMAINING.clone(), HeaderValue::from(remaining)),
+        (RATELIMIT_RESET.clone(), HeaderValue::from(seconds_up(reset))),
+    ]
 }

@@ -14,9 +14,6 @@ use http::{HeaderMap, HeaderName, HeaderValue};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation, jwk::JwkSet};
 use stone_events::config::{AuthSpec, JwtSpec};
 
-/// How long a fetched or read JWKS is trusted before it is refreshed.
-pub const JWKS_REFRESH: Duration = Duration::from_secs(300);
-
 /// API key hashes of every consumer: SHA-256 hex → consumer name.
 #[derive(Debug, Default)]
 pub struct KeyRing {
@@ -306,12 +303,13 @@ impl JwtRule {
     }
 }
 
-/// Keeps a JWKS fresh: re-reads the file or re-fetches the URL every [`JWKS_REFRESH`] until
-/// `token` is cancelled. A failed refresh keeps the keys it had.
+/// Keeps a JWKS fresh: re-reads the file or re-fetches the URL at once and then `every`
+/// (`proxy.jwks_refresh_secs`) until `token` is cancelled. A failed refresh keeps the keys it had.
 pub async fn refresh_jwks(
     keys: Arc<JwtKeys>,
     source: JwksSource,
     algorithms: Vec<Algorithm>,
+    every: Duration,
     token: tokio_util::sync::CancellationToken,
 ) {
     loop {
@@ -332,7 +330,7 @@ pub async fn refresh_jwks(
             }
         }
         tokio::select! {
-            () = tokio::time::sleep(JWKS_REFRESH) => {}
+            () = tokio::time::sleep(every) => {}
             () = token.cancelled() => return,
         }
     }

@@ -36,6 +36,8 @@ pub struct ConfigFollower {
     pub health: Arc<HealthRegistry>,
     pub readiness: Readiness,
     pub shutdown: CancellationToken,
+    /// How often JWKS documents are read again (`proxy.jwks_refresh_secs`).
+    pub jwks_refresh: std::time::Duration,
 }
 
 impl ConfigFollower {
@@ -170,7 +172,7 @@ impl ConfigFollower {
                 checks.cancel();
                 *checks = self.shutdown.child_token();
                 health::spawn_active_checks(&table, self.service.health_reporter(), checks);
-                table.access().spawn_refreshers(checks);
+                table.access().spawn_refreshers(checks, self.jwks_refresh);
                 self.service.replace_table(table, state.applied_seq);
                 metrics::gauge!("stone_proxy_config_seq").set(state.applied_seq as f64);
                 tracing::info!(config_seq = state.applied_seq, routes = routes.len(), "routing table replaced");

@@ -1,4 +1,5 @@
-//! The Proxy Stone data plane: accepts HTTP/1.1 and HTTP/2 (h2c), routes each request to an
+//! The Proxy Stone data plane: accepts HTTP/1.1 and HTTP/2 (h2c, and over TLS as ALPN
+//! negotiates when `proxy.tls` is configured), routes each request to an
 //! upstream target, streams the response back, and emits one `request.completed` per request to
 //! JetStream without ever waiting on it.
 //!
@@ -18,6 +19,7 @@ pub mod registry;
 pub mod routing;
 pub mod service;
 pub mod spool;
+pub mod tls;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -49,6 +51,8 @@ const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(10);
 pub struct RunningProxy {
     pub listen_addr: SocketAddr,
     pub admin_addr: SocketAddr,
+    /// The TLS listener's address, when `proxy.tls` is configured.
+    pub tls_addr: Option<SocketAddr>,
     pub worker_id: String,
 }
 
@@ -87,6 +91,13 @@ pub async fn build(config: &StoneConfig, shutdown: &Shutdown) -> anyhow::Result<
     let registry_store = registry::open_bucket(&js, &registry_bucket).await?;
     let listener = stone_kit::bind(config.proxy.listen, "proxy.listen").await?;
     let admin_listener = stone_kit::bind(config.proxy.admin_listen, "proxy.admin_listen").await?;
+    let tls_listener = if config.proxy.tls.enabled() {
+        let acceptor = tls::acceptor(&config.proxy.tls)?;
+        Some((stone_kit::bind(config.proxy.tls.listen, "proxy.tls.listen").await?, acceptor))
+    } else {
+        None
+    };
+    let tls_addr = tls_listener.as_ref().map(|(listener, _)| listener.local_addr()).transpose()?;
     let listen_addr = listener.local_addr()?;
     let admin_addr = admin_listener.local_addr()?;
     let worker = worker_id(config);
@@ -149,7 +160,7 @@ pub async fn build(config: &StoneConfig, shutdown: &Shutdown) -> anyhow::Result<
         let checks = shutdown.token();
         let table = service.table();
         health::spawn_active_checks(&table, service.health_reporter(), &checks);
-        table.access().spawn_refreshers(&checks);
+        table.access().spawn_refreshers(&checks, Duration::from_secs(config.proxy.jwks_refresh_secs));
     } else {
         let follower = config_follow::ConfigFollower {
             js: js.clone(),
@@ -158,6 +169,7 @@ pub async fn build(config: &StoneConfig, shutdown: &Shutdown) -> anyhow::Result<
             health: Arc::clone(&health_registry),
             readiness: readiness.clone(),
             shutdown: shutdown.token(),
+            jwks_refresh: Duration::from_secs(config.proxy.jwks_refresh_secs),
         };
         shutdown.spawn(follower.run());
     }
@@ -179,15 +191,28 @@ pub async fn build(config: &StoneConfig, shutdown: &Shutdown) -> anyhow::Result<
     };
     shutdown.spawn(registry::run(registration, shutdown.token()));
     shutdown.spawn(heartbeat(service.clone(), worker.clone(), shutdown.clone()));
-    shutdown.spawn(accept_loop(listener, service, shutdown.clone(), config.shutdown_grace()));
-    tracing::info!(listen = %listen_addr, admin = %admin_addr, worker = %worker, from_file, "proxy started");
-    Ok(RunningProxy { listen_addr, admin_addr, worker_id: worker })
+    if let Some((tls_listener, acceptor)) = tls_listener {
+        let tls_loop =
+            accept_loop(tls_listener, Some(acceptor), service.clone(), shutdown.clone(), config.shutdown_grace());
+        shutdown.spawn(tls_loop);
+    }
+    shutdown.spawn(accept_loop(listener, None, service, shutdown.clone(), config.shutdown_grace()));
+    tracing::info!(listen = %listen_addr, tls = ?tls_addr, admin = %admin_addr, worker = %worker, from_file, "proxy started");
+    Ok(RunningProxy { listen_addr, admin_addr, tls_addr, worker_id: worker })
 }
 
 /// Accepts connections until shutdown, then lets open connections finish within the grace
 /// period. The service (and with it the event sink) is dropped at the end, which lets the
-/// publisher flush and stop.
-async fn accept_loop(listener: tokio::net::TcpListener, service: ProxyService, shutdown: Shutdown, grace: Duration) {
+/// publisher flush and stop. With `tls`, each connection's handshake runs in its own task (a slow
+/// client cannot hold up the others) and its requests are marked secure.
+async fn accept_loop(
+    listener: tokio::net::TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    service: ProxyService,
+    shutdown: Shutdown,
+    grace: Duration,
+) {
+    let secure = tls.is_some();
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut builder = auto::Builder::new(TokioExecutor::new());
     // Oversized heads get 431 from hyper; a client that trickles its head is cut off rather than
@@ -216,8 +241,32 @@ async fn accept_loop(listener: tokio::net::TcpListener, service: ProxyService, s
         let service = service.clone();
         let handler = service_fn(move |request| {
             let service = service.clone();
-            async move { Ok::<_, std::convert::Infallible>(service.handle(request, client).await) }
+            async move { Ok::<_, std::convert::Infallible>(service.handle_from(request, client, secure).await) }
         });
+        if let Some(acceptor) = &tls {
+            let handshake = acceptor.accept(stream);
+            let (builder, watcher) = (builder.clone(), graceful.watcher());
+            tokio::spawn(async move {
+                let stream = match tokio::time::timeout(HEADER_READ_TIMEOUT, handshake).await {
+                    Ok(Ok(stream)) => stream,
+                    Ok(Err(error)) => {
+                        metrics::counter!("stone_proxy_tls_handshake_failures_total").increment(1);
+                        tracing::debug!(%error, %client, "TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => {
+                        metrics::counter!("stone_proxy_tls_handshake_failures_total").increment(1);
+                        tracing::debug!(%client, "TLS handshake timed out");
+                        return;
+                    }
+                };
+                let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), handler).into_owned();
+                if let Err(error) = watcher.watch(connection).await {
+                    tracing::debug!(error = %error, "connection ended with an error");
+                }
+            });
+            continue;
+        }
         let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), handler).into_owned();
         let connection = graceful.watch(connection);
         tokio::spawn(async move {

@@ -72,9 +72,13 @@ impl RateLimit {
 pub enum Verdict {
     Allowed {
         remaining: u64,
+        /// Until the whole budget is available again (the TAT minus now).
+        reset: Duration,
     },
     Limited {
         retry_after: Duration,
+        /// Until the whole budget is available again.
+        reset: Duration,
     },
     /// The shared store did not answer; the failure mode let the request through.
     FailedOpen,
@@ -88,15 +92,16 @@ fn gcra(tat: Option<u64>, now: u64, interval: u64, window: u64) -> (Verdict, Opt
     let new_tat = start.saturating_add(interval);
     let allow_at = new_tat.saturating_sub(window);
     if now < allow_at {
-        return (Verdict::Limited { retry_after: Duration::from_micros(allow_at - now) }, None);
+        let (retry_after, reset) = (Duration::from_micros(allow_at - now), Duration::from_micros(start - now));
+        return (Verdict::Limited { retry_after, reset }, None);
     }
     let used = new_tat - now;
     let remaining = window.saturating_sub(used) / interval;
-    (Verdict::Allowed { remaining }, Some(new_tat))
+    (Verdict::Allowed { remaining, reset: Duration::from_micros(used) }, Some(new_tat))
 }
 
 /// GCRA in Redis: KEYS[1] the key; ARGV interval and window in microseconds. Returns
-/// `{allowed, retry_after_us, remaining}`. The key expires when its TAT has passed.
+/// `{allowed, retry_after_us, remaining, reset_us}`. The key expires when its TAT has passed.
 const GCRA_SCRIPT: &str = r"
 local now_parts = redis.call('TIME')
 local now = tonumber(now_parts[1]) * 1000000 + tonumber(now_parts[2])
@@ -107,10 +112,10 @@ if tat < now then tat = now end
 local new_tat = tat + interval
 local allow_at = new_tat - window
 if now < allow_at then
-  return {0, allow_at - now, 0}
+  return {0, allow_at - now, 0, tat - now}
 end
 redis.call('SET', KEYS[1], new_tat, 'PX', math.ceil((new_tat - now) / 1000) + 1)
-return {1, 0, math.floor((window - (new_tat - now)) / interval)}
+return {1, 0, math.floor((window - (new_tat - now)) / interval), new_tat - now}
 ";
 
 /// Local TATs: sharded so workers' threads rarely meet on one lock.
@@ -235,7 +240,7 @@ impl Limiter {
     async fn shared(&self, client: &redis::Client, key: &str, limit: &RateLimit) -> redis::RedisResult<Verdict> {
         let connection = self.inner.redis.get_or_try_init(|| ConnectionManager::new(client.clone())).await?;
         let mut connection = connection.clone();
-        let (allowed, retry_after_us, remaining): (i64, i64, i64) = self
+        let (allowed, retry_after_us, remaining, reset_us): (i64, i64, i64, i64) = self
             .inner
             .script
             .key(key)
@@ -244,9 +249,15 @@ impl Limiter {
             .invoke_async(&mut connection)
             .await?;
         Ok(if allowed == 1 {
-            Verdict::Allowed { remaining: u64::try_from(remaining).unwrap_or(0) }
+            Verdict::Allowed {
+                remaining: u64::try_from(remaining).unwrap_or(0),
+                reset: Duration::from_micros(u64::try_from(reset_us).unwrap_or(0)),
+            }
         } else {
-            Verdict::Limited { retry_after: Duration::from_micros(u64::try_from(retry_after_us).unwrap_or(0)) }
+            Verdict::Limited {
+                retry_after: Duration::from_micros(u64::try_from(retry_after_us).unwrap_or(0)),
+                reset: Duration::from_micros(u64::try_from(reset_us).unwrap_or(0)),
+            }
         })
     }
 }
@@ -263,15 +274,16 @@ mod tests {
         let mut remaining = Vec::new();
         for _ in 0..4 {
             let (verdict, new_tat) = gcra(tat, 0, interval, window);
-            let Verdict::Allowed { remaining: left } = verdict else { panic!("{verdict:?}") };
+            let Verdict::Allowed { remaining: left, reset } = verdict else { panic!("{verdict:?}") };
             remaining.push(left);
+            assert_eq!(reset, Duration::from_secs(4 - left), "the budget is whole again one interval per use");
             tat = new_tat;
         }
         assert_eq!(remaining, [3, 2, 1, 0]);
         let (verdict, _) = gcra(tat, 0, interval, window);
-        assert_eq!(verdict, Verdict::Limited { retry_after: Duration::from_secs(1) });
+        assert_eq!(verdict, Verdict::Limited { retry_after: Duration::from_secs(1), reset: Duration::from_secs(4) });
         let (verdict, _) = gcra(tat, 1_000_000, interval, window);
-        assert!(matches!(verdict, Verdict::Allowed { remaining: 0 }), "one more after one interval: {verdict:?}");
+        assert!(matches!(verdict, Verdict::Allowed { remaining: 0, .. }), "one more after one interval: {verdict:?}");
     }
 
     #[test]

@@ -198,8 +198,36 @@ impl ProxyService {
         &self.shared.sink
     }
 
+    /// Handles one request of the plain listener; see [`Self::handle_from`].
+    pub async fn handle(&self, request: Request<Incoming>, client: SocketAddr) -> Response<ProxyBody> {
+        self.handle_from(request, client, false).await
+    }
+
     /// Handles one request end to end. Never fails: every outcome is a response and an event.
-    pub async fn handle(&self, mut request: Request<Incoming>, client: SocketAddr) -> Response<ProxyBody> {
+    /// `secure`: the request came over TLS, which the upstream learns from `X-Forwarded-Proto`.
+    pub async fn handle_from(
+        &self,
+        request: Request<Incoming>,
+        client: SocketAddr,
+        secure: bool,
+    ) -> Response<ProxyBody> {
+        let mut response_headers = Vec::new();
+        let mut response = self.exchange(request, client, secure, &mut response_headers).await;
+        // Whatever answered after the gate (upstream, cache, a 502), a rate-limited route's
+        // response carries its `RateLimit-*`.
+        for (name, value) in response_headers {
+            response.headers_mut().insert(name, value);
+        }
+        response
+    }
+
+    async fn exchange(
+        &self,
+        mut request: Request<Incoming>,
+        client: SocketAddr,
+        secure: bool,
+        response_headers: &mut Vec<(HeaderName, HeaderValue)>,
+    ) -> Response<ProxyBody> {
         let started = Instant::now();
         let started_at = OffsetDateTime::now_utc();
         let event_id = Uuid::now_v7();
@@ -292,9 +320,10 @@ impl ProxyService {
             )
             .await;
             match gate {
-                Gate::Pass { consumer, rate_limit } => {
+                Gate::Pass { consumer, rate_limit, headers } => {
                     completion.data.consumer = consumer;
                     completion.data.rate_limit = rate_limit;
+                    *response_headers = headers;
                 }
                 Gate::Answer { status, kind, message, headers, consumer, rate_limit } => {
                     completion.data.consumer = consumer;
@@ -332,7 +361,7 @@ impl ProxyService {
         let (mut parts, body) = request.into_parts();
         // The upstream side speaks HTTP/1.1 whatever the client spoke.
         parts.version = Version::HTTP_11;
-        prepare_request_headers(&mut parts.headers, client, &host, event_id);
+        prepare_request_headers(&mut parts.headers, client, &host, event_id, secure);
         if let Some(protocol) = upgrade_protocol {
             // Upgrades (WebSocket) are the one hop-by-hop exchange a proxy must carry through.
             parts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
@@ -714,7 +743,7 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     headers.remove(header::UPGRADE);
 }
 
-fn prepare_request_headers(headers: &mut HeaderMap, client: SocketAddr, host: &str, event_id: Uuid) {
+fn prepare_request_headers(headers: &mut HeaderMap, client: SocketAddr, host: &str, event_id: Uuid, secure: bool) {
     strip_hop_by_hop(headers);
     let client_ip = client.ip().to_string();
     let forwarded_for = match headers.get(&X_FORWARDED_FOR).and_then(|value| value.to_str().ok()) {
@@ -724,7 +753,7 @@ fn prepare_request_headers(headers: &mut HeaderMap, client: SocketAddr, host: &s
     if let Ok(value) = HeaderValue::from_str(&forwarded_for) {
         headers.insert(&X_FORWARDED_FOR, value);
     }
-    headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+    headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static(if secure { "https" } else { "http" }));
     if let Ok(value) = HeaderValue::from_str(host) {
         headers.insert(&X_FORWARDED_HOST, value);
     }

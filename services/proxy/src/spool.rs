@@ -17,6 +17,8 @@ use crate::emitter::OutgoingEvent;
 
 const DATA_FILE: &str = "events.spool";
 const OFFSET_FILE: &str = "events.offset";
+/// Held with an exclusive lock for as long as the spool is open: one worker per folder.
+const LOCK_FILE: &str = "spool.lock";
 /// Guards against reading garbage as a huge allocation after a torn write.
 const MAX_RECORD_BYTES: u32 = 64 * 1024 * 1024;
 
@@ -28,6 +30,11 @@ pub enum SpoolError {
     Io { path: PathBuf, source: std::io::Error },
     #[error("spool {path}: corrupt record at offset {offset}")]
     Corrupt { path: PathBuf, offset: u64 },
+    #[error(
+        "spool {path} is in use by another worker (its {LOCK_FILE} is locked); each worker needs a \
+         proxy.spool_dir of its own"
+    )]
+    Locked { path: PathBuf },
 }
 
 /// The spool of one worker.
@@ -40,13 +47,23 @@ pub struct Spool {
     /// Bytes already published.
     read_offset: u64,
     max_bytes: u64,
+    /// The exclusive lock on [`LOCK_FILE`]; released when the spool is dropped (or the process ends).
+    _lock: File,
 }
 
 impl Spool {
-    /// Opens (or creates) the spool in `dir`, resuming after what was already published.
+    /// Opens (or creates) the spool in `dir`, resuming after what was already published. Fails
+    /// with [`SpoolError::Locked`] while another worker (in any process) has the folder open: two
+    /// writers would interleave records and publish each other's events.
     pub fn open(dir: &Path, max_bytes: u64) -> Result<Self, SpoolError> {
         let io = |source| SpoolError::Io { path: dir.to_owned(), source };
         std::fs::create_dir_all(dir).map_err(io)?;
+        let lock = OpenOptions::new().create(true).truncate(false).write(true).open(dir.join(LOCK_FILE)).map_err(io)?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => return Err(SpoolError::Locked { path: dir.to_owned() }),
+            Err(std::fs::TryLockError::Error(error)) => return Err(io(error)),
+        }
         let file = OpenOptions::new().create(true).read(true).append(true).open(dir.join(DATA_FILE)).map_err(io)?;
         let write_offset = file.metadata().map_err(io)?.len();
         let read_offset = std::fs::read(dir.join(OFFSET_FILE))
@@ -55,7 +72,7 @@ impl Spool {
             .map(u64::from_le_bytes)
             .unwrap_or(0)
             .min(write_offset);
-        let mut spool = Self { dir: dir.to_owned(), file, write_offset, read_offset, max_bytes };
+        let mut spool = Self { dir: dir.to_owned(), file, write_offset, read_offset, max_bytes, _lock: lock };
         if spool.is_empty() && write_offset > 0 {
             spool.reset()?;
         }
@@ -216,6 +233,20 @@ mod tests {
             Some(0),
             "an emptied spool is truncated"
         );
+        let _ = std::fs::remove_dir_all(&dir);
+        Ok(())
+    }
+
+    #[test]
+    fn a_second_open_of_the_same_folder_is_refused_until_the_first_is_dropped() -> Result<(), SpoolError> {
+        let dir = std::env::temp_dir().join(format!("stone-spool-test-{}", uuid::Uuid::now_v7()));
+        let first = Spool::open(&dir, 1 << 20)?;
+        let second = Spool::open(&dir, 1 << 20);
+        let message = second.as_ref().err().map(ToString::to_string).unwrap_or_default();
+        assert!(matches!(second, Err(SpoolError::Locked { .. })), "{second:?}");
+        assert!(message.contains(&dir.display().to_string()), "the error names the folder: {message}");
+        drop(first);
+        assert!(Spool::open(&dir, 1 << 20).is_ok(), "the lock goes with the spool");
         let _ = std::fs::remove_dir_all(&dir);
         Ok(())
     }

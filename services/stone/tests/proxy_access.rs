@@ -283,10 +283,19 @@ async fn one_rate_limit_is_shared_by_two_workers_through_redis() -> TestResult {
             let worker = if index % 2 == 0 { &first } else { &second };
             let (status, _, headers) =
                 call(&client, &format!("http://{}/limited/{index}", worker.listen_addr), &[]).await?;
+            // Every response of the limited route carries the limit, what is left across both
+            // workers, and when the whole budget is back (10 per hour: 360 s per request used).
+            assert_eq!(headers["ratelimit-limit"], "10", "{index}: {headers:?}");
+            let reset: u64 = headers["ratelimit-reset"].to_str()?.parse()?;
             if status == 429 {
                 assert!(headers.contains_key("retry-after"), "{headers:?}");
-                assert_eq!(headers["ratelimit-limit"], "10");
                 assert_eq!(headers["ratelimit-remaining"], "0");
+                assert!((3240..=3600).contains(&reset), "{index}: reset {reset}");
+            } else {
+                let remaining: u64 = headers["ratelimit-remaining"].to_str()?.parse()?;
+                assert_eq!(remaining, 9 - index, "{headers:?}");
+                let used = index + 1;
+                assert!(((used - 1) * 360..=used * 360).contains(&reset), "{index}: reset {reset}");
             }
             statuses.push(status);
         }
@@ -322,8 +331,37 @@ async fn without_redis_limits_fail_open_by_default_or_closed_when_configured() -
             let proxy = start(&config, &shutdown, &upstream, vec![EntitySpec::Route(limited)]).await?;
             let client = client();
             for _ in 0..3 {
-                let (status, _, _) = call(&client, &format!("http://{}/limited/x", proxy.listen_addr), &[]).await?;
+                let (status, _, headers) =
+                    call(&client, &format!("http://{}/limited/x", proxy.listen_addr), &[]).await?;
                 assert_eq!(status, expected, "{mode:?}");
+                assert!(
+                    !headers.contains_key("ratelimit-remaining"),
+                    "no figures from a limit not checked: {headers:?}"
+                );
+            }
+            // The event says the limit was not checked, and what the failure mode decided.
+            let js = jetstream(&config).await?;
+            let mut decisions = Vec::new();
+            for _ in 0..100 {
+                decisions = read_events(&js, &config, "request.>")
+                    .await?
+                    .into_iter()
+                    .filter_map(|event| match event {
+                        Event::RequestCompleted(envelope) => Some((envelope.data.status, envelope.data.rate_limit)),
+                        _ => None,
+                    })
+                    .collect();
+                if decisions.len() >= 3 {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            assert_eq!(decisions.len(), 3, "{decisions:?}");
+            for (status, decision) in &decisions {
+                let decision = decision.as_ref().unwrap_or_else(|| panic!("{mode:?}: no decision: {decisions:?}"));
+                assert_eq!(*status, expected);
+                assert!(decision.store_unavailable, "{mode:?}: {decision:?}");
+                assert_eq!(decision.limited, expected == 503, "{mode:?}: {decision:?}");
             }
             Ok::<(), BoxError>(())
         }

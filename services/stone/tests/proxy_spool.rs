@@ -1,8 +1,9 @@
 //! Events survive NATS outages: the proxy keeps answering, spools events to disk, publishes them
 //! once NATS is back with exact counts (no loss, no duplicates), and a worker stopped while NATS
-//! is down leaves its events in the spool for the next start.
+//! is down leaves its events in the spool for the next start. A spool folder belongs to one
+//! worker at a time.
 //!
-//! Each test runs its own nats-server on a free port so that it can stop and restart it.
+//! The outage tests run their own nats-server on a free port so that they can stop and restart it.
 
 #![allow(clippy::panic, clippy::unwrap_used, clippy::expect_used)]
 
@@ -225,5 +226,37 @@ async fn past_the_spool_cap_events_are_dropped_counted_and_reported() -> TestRes
     .await;
     let _ = shutdown.drain(Duration::from_secs(10)).await;
     let _ = std::fs::remove_dir_all(&config.proxy.spool_dir);
+    outcome
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_worker_on_the_same_spool_folder_is_refused_naming_it() -> TestResult {
+    let config = isolated_config();
+    let first = Shutdown::new();
+    let second = Shutdown::new();
+    let outcome = async {
+        let proxy = stone_proxy::build(&config, &first).await?;
+        let mut other = config.clone();
+        other.proxy.worker_id = format!("{}-other", config.proxy.worker_id);
+        let refused = stone_proxy::build(&other, &second).await;
+        let message = refused.as_ref().err().map(|error| format!("{error:#}")).unwrap_or_default();
+        assert!(refused.is_err(), "two workers must not share a spool folder");
+        assert!(message.contains(&config.proxy.spool_dir.display().to_string()), "{message}");
+        assert!(message.contains("another worker"), "{message}");
+        // The first worker is unaffected.
+        assert_eq!(get(&client(), &format!("http://{}/x", proxy.listen_addr)).await?.0, 404);
+
+        // Once the first worker has stopped, the folder is free again.
+        first.drain(Duration::from_secs(10)).await?;
+        let third = Shutdown::new();
+        let restarted = stone_proxy::build(&other, &third).await.map(|_| ());
+        let _ = third.drain(Duration::from_secs(10)).await;
+        restarted?;
+        Ok(())
+    }
+    .await;
+    let _ = first.drain(Duration::from_secs(10)).await;
+    let _ = second.drain(Duration::from_secs(10)).await;
+    cleanup(&config).await;
     outcome
 }
