@@ -73,6 +73,10 @@ pub struct CacheEvent {
     /// For evictions and purges: why.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// How many objects the event stands for, when it sums several (`cache.evicted` is reported
+    /// per reason and interval, with `bytes` the total); absent means one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub count: Option<u64>,
 }
 
 impl EventData for CacheEvent {

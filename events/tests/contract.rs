@@ -132,6 +132,7 @@ fn envelope_time_is_rfc3339_with_microseconds() {
             tags: vec![],
             actor: Some("admin".into()),
             reason: None,
+            count: None,
         },
     );
     let json: serde_json::Value =

@@ -69,7 +69,7 @@ prop_compose! {
         bytes in any::<u64>(), ttl_s in prop::option::of(any::<u64>()), tags in prop::collection::vec(text(), 0..4),
         memory in any::<bool>()) -> CacheEvent {
         CacheEvent { action, route, key, tier: Some(if memory { CacheTier::Memory } else { CacheTier::Redis }),
-            bytes, ttl_s, tags, actor: None, reason: None }
+            bytes, ttl_s, tags, actor: None, reason: None, count: None }
     }
 }
 

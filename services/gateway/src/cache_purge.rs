@@ -132,6 +132,7 @@ pub async fn purge(State(state): State<PurgeState>, request: Request) -> Respons
         tags: if by == PurgeBy::Tag { vec![value.clone()] } else { Vec::new() },
         actor: Some(caller.name.clone()),
         reason: Some(format!("purge by {}", by.as_str())),
+        count: None,
     };
     let envelope = Envelope::new("gateway", 0, event);
     let event_id = envelope.id.to_string();

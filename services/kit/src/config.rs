@@ -167,6 +167,64 @@ pub struct ProxyConfig {
     pub tls: ProxyTlsConfig,
     /// How often a JWT route's JWKS (file or URL) is read again; a failed refresh keeps the keys.
     pub jwks_refresh_secs: u64,
+    /// The response cache of routes with a cache policy (`[proxy.cache]`).
+    pub cache: ProxyCacheConfig,
+}
+
+/// The response cache's tiers and bounds (the per-route policy is the route's `cache` section).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ProxyCacheConfig {
+    /// Bound of the in-process tier of each worker, in bytes (keys, headers and bodies); 0 keeps
+    /// nothing in memory, so every lookup goes to Redis.
+    pub memory_max_bytes: u64,
+    /// Use the Redis tier at `redis_url`, shared by every worker (memory only when off or
+    /// unreachable at start).
+    pub redis: bool,
+    /// Bound on one Redis cache call; past it a lookup is a miss and a store is skipped.
+    pub redis_timeout_ms: u64,
+    /// Bound on connecting to Redis at start; past it the worker caches in memory only.
+    pub redis_connect_timeout_ms: u64,
+    /// How long concurrent misses for one key wait for the one fetch in flight before fetching
+    /// themselves.
+    pub coalesce_wait_ms: u64,
+    /// Evictions from the memory tier are summed and reported as one `cache.evicted` event per
+    /// reason per this interval (never one event per eviction).
+    pub eviction_report_interval_ms: u64,
+}
+
+impl Default for ProxyCacheConfig {
+    fn default() -> Self {
+        Self {
+            memory_max_bytes: 256 * 1024 * 1024,
+            redis: true,
+            redis_timeout_ms: 200,
+            redis_connect_timeout_ms: 3_000,
+            coalesce_wait_ms: 5_000,
+            eviction_report_interval_ms: 10_000,
+        }
+    }
+}
+
+impl ProxyCacheConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.memory_max_bytes > 1 << 40 {
+            return Err(invalid("proxy.cache.memory_max_bytes", "must be at most 1 TiB (1099511627776)"));
+        }
+        if !(1..=10_000).contains(&self.redis_timeout_ms) {
+            return Err(invalid("proxy.cache.redis_timeout_ms", "must be between 1 and 10000"));
+        }
+        if !(1..=60_000).contains(&self.redis_connect_timeout_ms) {
+            return Err(invalid("proxy.cache.redis_connect_timeout_ms", "must be between 1 and 60000"));
+        }
+        if self.coalesce_wait_ms > 60_000 {
+            return Err(invalid("proxy.cache.coalesce_wait_ms", "must be at most 60000"));
+        }
+        if !(1_000..=3_600_000).contains(&self.eviction_report_interval_ms) {
+            return Err(invalid("proxy.cache.eviction_report_interval_ms", "must be between 1000 and 3600000"));
+        }
+        Ok(())
+    }
 }
 
 /// The proxy's TLS listener (rustls): HTTP/2 or HTTP/1.1, as ALPN negotiates.
@@ -247,6 +305,7 @@ impl Default for ProxyConfig {
             emit_events: true,
             tls: ProxyTlsConfig::default(),
             jwks_refresh_secs: 300,
+            cache: ProxyCacheConfig::default(),
         }
     }
 }
@@ -393,6 +452,7 @@ impl StoneConfig {
         if self.proxy.jwks_refresh_secs == 0 {
             return Err(invalid("proxy.jwks_refresh_secs", "must be positive"));
         }
+        self.proxy.cache.validate()?;
         if !(1..=1_000_000).contains(&self.analytics.batch_max_rows) {
             // One batch must stay one ClickHouse block per table and day (max_insert_block_size).
             return Err(invalid("analytics.batch_max_rows", "must be between 1 and 1000000"));
@@ -528,6 +588,31 @@ mod tests {
             bad_env_type.as_deref().is_some_and(|m| m.contains("STONE_") && m.contains("PARTITIONS")),
             "{bad_env_type:?}"
         );
+    }
+
+    #[test]
+    fn cache_settings_are_keys_with_checked_bounds() -> Result<(), String> {
+        let config = load_in_jail(
+            Some("[proxy.cache]\nmemory_max_bytes = 1048576\ncoalesce_wait_ms = 250\n"),
+            &[("STONE_PROXY__CACHE__REDIS_TIMEOUT_MS", "20"), ("STONE_PROXY__CACHE__REDIS", "false")],
+        )?;
+        assert_eq!(config.proxy.cache.memory_max_bytes, 1_048_576);
+        assert_eq!(config.proxy.cache.coalesce_wait_ms, 250);
+        assert_eq!(config.proxy.cache.redis_timeout_ms, 20);
+        assert!(!config.proxy.cache.redis);
+        assert_eq!(config.proxy.cache.eviction_report_interval_ms, 10_000);
+        let zero_timeout = load_in_jail(Some("[proxy.cache]\nredis_timeout_ms = 0\n"), &[]).err();
+        assert!(
+            zero_timeout.as_deref().is_some_and(|m| m.contains("proxy.cache.redis_timeout_ms")),
+            "{zero_timeout:?}"
+        );
+        let long_wait = load_in_jail(None, &[("STONE_PROXY__CACHE__COALESCE_WAIT_MS", "600000")]).err();
+        assert!(long_wait.as_deref().is_some_and(|m| m.contains("proxy.cache.coalesce_wait_ms")), "{long_wait:?}");
+        let typo = load_in_jail(Some("[proxy.cache]\nmemory_max_byte = 1\n"), &[]).err();
+        assert!(typo.as_deref().is_some_and(|m| m.contains("memory_max_byte")), "{typo:?}");
+        let chatty = load_in_jail(Some("[proxy.cache]\neviction_report_interval_ms = 10\n"), &[]).err();
+        assert!(chatty.as_deref().is_some_and(|m| m.contains("proxy.cache.eviction_report_interval_ms")), "{chatty:?}");
+        Ok(())
     }
 
     #[test]

@@ -142,11 +142,8 @@ pub async fn build(config: &StoneConfig, shutdown: &Shutdown) -> anyhow::Result<
 
     // The response cache: memory tier, Redis tier shared by the workers (memory only when Redis
     // is unreachable), purges and invalidations from every worker over NATS.
-    let cache_settings = cache::CacheSettings {
-        redis_url: (!config.redis_url.is_empty()).then(|| config.redis_url.clone()),
-        redis_prefix: format!("{}:cache", config.namespace),
-        ..cache::CacheSettings::default()
-    };
+    let cache_settings =
+        cache::CacheSettings::from_config(&config.proxy.cache, Some(&config.redis_url), &config.namespace);
     let response_cache = cache::Cache::new(&cache_settings, Some(service.cache_events()))
         .await
         .with_invalidation_broadcast(js.client(), stone_events::cache::purge_subject(&namespace));

@@ -71,3 +71,97 @@ async fn the_proxy_serves_hits_from_its_cache_and_records_the_cache_status() -> 
     proxy_support::cleanup(&config).await;
     Ok(())
 }
+
+/// `[proxy.cache]` reaches the worker: a memory tier of a few KiB (Redis off) evicts by size,
+/// and the evictions arrive as `cache.evicted` events summed per reason and interval, never one
+/// per object.
+#[tokio::test]
+async fn a_small_memory_tier_evicts_and_reports_evictions_summed() -> cache_support::TestResult {
+    let upstream = cache_support::Upstream::start().await;
+    upstream.answer(|_, _| (200, cache_support::cc("max-age=600"), vec![b'x'; 2048]));
+    let mut config = proxy_support::isolated_config();
+    config.proxy.cache.memory_max_bytes = 8 * 1024;
+    config.proxy.cache.redis = false;
+    config.proxy.cache.eviction_report_interval_ms = 1_000;
+    let mut route = proxy_support::route_spec("cached", &["/*"], "origin");
+    route.cache = Some(Box::new(cache_support::spec()));
+    config.proxy.routes = vec![route];
+    config.proxy.upstreams = vec![proxy_support::upstream_spec("origin", &[(upstream.addr, 1)])];
+    let shutdown = Shutdown::new();
+    let proxy = stone_proxy::build(&config, &shutdown).await?;
+    let js = proxy_support::jetstream(&config).await?;
+
+    let evicted = || async {
+        let events = proxy_support::read_events(&js, &config, "cache.evicted.>").await.unwrap_or_default();
+        events
+            .into_iter()
+            .filter_map(|event| match event {
+                stone_events::Event::Cache(envelope) => Some(envelope.data),
+                _ => None,
+            })
+            .collect::<Vec<_>>()
+    };
+    // 40 objects of 2 KiB through an 8 KiB tier; moka applies evictions in batches as the tier is
+    // used, so keep using it until a report arrives.
+    let mut reports = Vec::new();
+    for round in 0..20 {
+        for object in 0..40 {
+            let reply = cache_support::get(proxy.listen_addr, &format!("/o{object}")).await;
+            assert_eq!(reply.body.len(), 2048);
+        }
+        reports = evicted().await;
+        if !reports.is_empty() {
+            break;
+        }
+        assert!(round < 19, "no cache.evicted event after {} rounds", round + 1);
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    }
+    let by_size: Vec<_> = reports.iter().filter(|event| event.reason.as_deref() == Some("size")).collect();
+    assert!(!by_size.is_empty(), "{reports:?}");
+    for event in by_size {
+        assert_eq!(event.tier, Some(stone_events::cache::CacheTier::Memory));
+        // One event stands for many evictions, with their bytes.
+        let count = event.count.unwrap_or(0);
+        assert!(count >= 1, "{event:?}");
+        assert!(event.bytes >= count * 2048, "{event:?}");
+    }
+    // Far fewer reports than evicted objects: at most one per reason and interval.
+    let total: u64 = reports.iter().map(|event| event.count.unwrap_or(1)).sum();
+    assert!(total > reports.len() as u64, "{reports:?}");
+    assert!(upstream.hits() > 40, "an 8 KiB tier cannot hold 40 objects of 2 KiB");
+    shutdown.trigger();
+    proxy_support::cleanup(&config).await;
+    Ok(())
+}
+
+/// A HEAD miss through the proxy asks the upstream with GET and stores the object.
+#[tokio::test]
+async fn a_head_miss_through_the_proxy_stores_the_get() -> cache_support::TestResult {
+    let upstream = cache_support::Upstream::start().await;
+    upstream.answer(|parts, _| (200, cache_support::cc("max-age=60"), parts.method.as_str().into()));
+    let mut config = proxy_support::isolated_config();
+    let mut route = proxy_support::route_spec("cached", &["/*"], "origin");
+    route.cache = Some(Box::new(cache_support::spec()));
+    config.proxy.routes = vec![route];
+    config.proxy.upstreams = vec![proxy_support::upstream_spec("origin", &[(upstream.addr, 1)])];
+    let shutdown = Shutdown::new();
+    let proxy = stone_proxy::build(&config, &shutdown).await?;
+    let head = cache_support::send(proxy.listen_addr, "HEAD", "/thing", &[]).await;
+    assert_eq!((head.status, head.body.len()), (200, 0));
+    assert_eq!(head.header("content-length"), Some("3"));
+    let mut got = cache_support::get(proxy.listen_addr, "/thing").await;
+    for _ in 0..50 {
+        if got.cache_status().contains("; hit") {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        got = cache_support::get(proxy.listen_addr, "/thing").await;
+    }
+    assert!(got.cache_status().contains("; hit"), "{}", got.cache_status());
+    assert_eq!(got.text(), "GET");
+    // The GETs after the HEAD waited for its fetch (coalesced) rather than asking again.
+    assert_eq!(upstream.hits(), 1);
+    shutdown.trigger();
+    proxy_support::cleanup(&config).await;
+    Ok(())
+}

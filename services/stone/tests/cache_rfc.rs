@@ -280,6 +280,52 @@ async fn head_is_answered_from_a_stored_get() -> TestResult {
 }
 
 #[tokio::test]
+async fn a_head_miss_is_fetched_as_get_and_stored_for_what_follows() -> TestResult {
+    let upstream = Upstream::start().await;
+    upstream.answer(|parts, hit| {
+        // The body names the method the upstream was asked with, so a stored HEAD would show.
+        let body = format!("{} {hit:02}", parts.method);
+        (200, vec![("cache-control", "max-age=60".into()), ("etag", "\"e1\"".into())], body.into())
+    });
+    let front = Front::start(&upstream, spec()).await;
+    let head = send(front.addr, "HEAD", "/h", &[]).await;
+    assert_eq!(head.status, 200);
+    assert!(head.body.is_empty());
+    assert_eq!(head.header("content-length"), Some("6"));
+    assert!(head.cache_status().contains("fwd=miss; stored"), "{}", head.cache_status());
+    assert_eq!(front.last_status(), CacheStatus::Miss);
+    // The object is stored off the request path once the GET's body has been read.
+    for _ in 0..200 {
+        if front.cache.memory_bytes().await > 0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let got = get(front.addr, "/h").await;
+    assert_eq!(got.text(), "GET 01");
+    assert!(got.cache_status().contains("; hit"), "{}", got.cache_status());
+    let head_again = send(front.addr, "HEAD", "/h", &[]).await;
+    assert!(head_again.cache_status().contains("; hit") && head_again.body.is_empty());
+    assert_eq!(head_again.header("etag"), Some("\"e1\""));
+    assert_eq!(upstream.hits(), 1);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_head_miss_of_an_uncacheable_response_is_answered_without_a_body_and_not_stored() -> TestResult {
+    let upstream = Upstream::start().await;
+    upstream.answer(|_, hit| (200, cc("no-store"), format!("v{hit}").into()));
+    let front = Front::start(&upstream, spec()).await;
+    let head = send(front.addr, "HEAD", "/n", &[]).await;
+    assert_eq!((head.status, head.body.len()), (200, 0));
+    assert!(head.cache_status().contains("detail=no-store"), "{}", head.cache_status());
+    settle().await;
+    assert_eq!(get(front.addr, "/n").await.text(), "v2");
+    assert_eq!(upstream.hits(), 2);
+    Ok(())
+}
+
+#[tokio::test]
 async fn unsafe_methods_invalidate_the_uri_and_location() -> TestResult {
     let upstream = Upstream::start().await;
     upstream.answer(|parts, hit| {

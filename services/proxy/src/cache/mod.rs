@@ -35,7 +35,7 @@ use crate::emitter::EventSink;
 use self::coalesce::{Coalescer, LeaderGuard, Role};
 pub use self::policy::CachePolicy;
 use self::policy::{CacheControl, Reuse, StoreDecision};
-use self::store::{MemoryTier, RedisTier, Slot, StoredObject, unix_now};
+use self::store::{EvictionTally, MemoryTier, RedisTier, Slot, StoredObject, unix_now};
 
 /// `Cache-Status` (RFC 9211).
 pub static CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
@@ -75,18 +75,32 @@ pub struct CacheSettings {
     pub redis_prefix: String,
     /// Bound of each Redis call.
     pub redis_timeout: Duration,
+    /// Bound of connecting to Redis at start.
+    pub redis_connect_timeout: Duration,
     /// How long a coalesced request waits for the leader's fetch.
     pub coalesce_wait: Duration,
+    /// How often summed memory-tier evictions are reported as `cache.evicted` events.
+    pub eviction_report_interval: Duration,
 }
 
 impl Default for CacheSettings {
     fn default() -> Self {
+        Self::from_config(&stone_kit::config::ProxyCacheConfig::default(), None, "stone")
+    }
+}
+
+impl CacheSettings {
+    /// The settings of `[proxy.cache]`: Redis at `redis_url` (when the tier is on and the URL
+    /// set) under `{namespace}:cache`.
+    pub fn from_config(config: &stone_kit::config::ProxyCacheConfig, redis_url: Option<&str>, namespace: &str) -> Self {
         Self {
-            memory_max_bytes: 256 * 1024 * 1024,
-            redis_url: None,
-            redis_prefix: "stone:cache".to_owned(),
-            redis_timeout: Duration::from_millis(200),
-            coalesce_wait: Duration::from_secs(5),
+            memory_max_bytes: config.memory_max_bytes,
+            redis_url: redis_url.filter(|url| config.redis && !url.is_empty()).map(str::to_owned),
+            redis_prefix: format!("{namespace}:cache"),
+            redis_timeout: Duration::from_millis(config.redis_timeout_ms),
+            redis_connect_timeout: Duration::from_millis(config.redis_connect_timeout_ms),
+            coalesce_wait: Duration::from_millis(config.coalesce_wait_ms),
+            eviction_report_interval: Duration::from_millis(config.eviction_report_interval_ms),
         }
     }
 }
@@ -138,18 +152,34 @@ impl Cache {
     /// the cache is an optimisation, never a reason not to proxy.
     pub async fn new(settings: &CacheSettings, events: Option<CacheEvents>) -> Self {
         let redis = match &settings.redis_url {
-            Some(url) => match RedisTier::connect(url, &settings.redis_prefix, settings.redis_timeout).await {
-                Ok(tier) => Some(tier),
-                Err(error) => {
-                    tracing::warn!(%error, "redis cache tier unavailable, caching in memory only");
-                    None
+            Some(url) => {
+                let connecting = RedisTier::connect(
+                    url,
+                    &settings.redis_prefix,
+                    settings.redis_timeout,
+                    settings.redis_connect_timeout,
+                );
+                match connecting.await {
+                    Ok(tier) => Some(tier),
+                    Err(error) => {
+                        tracing::warn!(%error, "redis cache tier unavailable, caching in memory only");
+                        None
+                    }
                 }
-            },
+            }
             None => None,
         };
+        let evictions = Arc::new(EvictionTally::default());
+        if let Some(events) = &events {
+            tokio::spawn(report_evictions(
+                Arc::downgrade(&evictions),
+                events.clone(),
+                settings.eviction_report_interval,
+            ));
+        }
         Self {
             inner: Arc::new(Inner {
-                memory: MemoryTier::new(settings.memory_max_bytes),
+                memory: MemoryTier::new(settings.memory_max_bytes, evictions),
                 redis,
                 coalescer: Coalescer::default(),
                 coalesce_wait: settings.coalesce_wait,
@@ -251,7 +281,7 @@ impl Cache {
                 return Ok(Served { response, status: CacheStatus::Miss });
             }
             let stale = found.map(|(object, _)| object);
-            if waited || parts.method == Method::HEAD {
+            if waited {
                 return self.fetch_and_store(request, parts, &fetch, primary, stale, None).await;
             }
             match self.inner.coalescer.join(&primary) {
@@ -433,6 +463,10 @@ impl Cache {
     ) -> Result<Served, ErrorKind> {
         let request_directives = CacheControl::parse_request(&parts.headers);
         let mut upstream_parts = parts.clone();
+        // A HEAD miss is asked as a GET (like nginx's proxy_cache_convert_head), so the object is
+        // stored for the GETs and HEADs that follow; the client gets the head only.
+        let head_request = parts.method == Method::HEAD;
+        upstream_parts.method = Method::GET;
         // The cache asks with its own validators (or none, to get a full response it can store)
         // and answers the client's conditions itself.
         upstream_parts.headers.remove(header::IF_NONE_MATCH);
@@ -470,13 +504,9 @@ impl Cache {
         let forward = if was_stale { "fwd=stale" } else { "fwd=miss" };
         metrics::counter!("stone_cache_lookups_total", "route" => request.route.clone(), "result" => "miss")
             .increment(1);
-        if parts.method == Method::HEAD {
-            set_cache_status(response.headers_mut(), &format!("{CACHE_NAME}; {forward}; detail=head"));
-            return Ok(Served { response, status: CacheStatus::Miss });
-        }
         let decision = policy::storable(
             &request.policy,
-            &parts.method,
+            &Method::GET,
             &parts.headers,
             response.status(),
             response.headers(),
@@ -507,6 +537,14 @@ impl Cache {
                     self.purge(&PurgeCommand { by: PurgeBy::Key, value: primary.clone(), actor: "replace".to_owned() })
                         .await;
                 }
+                if head_request {
+                    // The GET's body is not wanted: dropping it closes that upstream connection.
+                    let (head, _body) = response.into_parts();
+                    return Ok(Served {
+                        response: Response::from_parts(head, empty_body()),
+                        status: CacheStatus::Miss,
+                    });
+                }
                 return Ok(Served { response, status: CacheStatus::Miss });
             }
         };
@@ -536,6 +574,14 @@ impl Cache {
             guard,
         };
         let body = tee::StoreBody::new(body, request.policy.max_object_bytes, pending);
+        if head_request {
+            // The body is read to its end off the request path (that is what stores it), whether
+            // or not the HEAD's client is still there.
+            tokio::spawn(async move {
+                let _ = body.collect().await;
+            });
+            return Ok(Served { response: Response::from_parts(head, empty_body()), status: CacheStatus::Miss });
+        }
         Ok(Served { response: Response::from_parts(head, body.boxed()), status: CacheStatus::Miss })
     }
 
@@ -719,8 +765,40 @@ impl Cache {
             tags,
             actor: None,
             reason: None,
+            count: None,
         };
         events.sink.emit(&Envelope::new(events.source.as_ref(), events.config_seq.load(Ordering::Acquire), event));
+    }
+}
+
+/// Reports the memory tier's evictions as one `cache.evicted` event per reason and interval
+/// (with the number of objects and their bytes), so a cache churning at any rate costs a few
+/// events a minute. Ends when the cache is gone.
+async fn report_evictions(tally: std::sync::Weak<EvictionTally>, events: CacheEvents, interval: Duration) {
+    let mut ticks = tokio::time::interval(interval.max(Duration::from_millis(10)));
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticks.tick().await;
+    loop {
+        ticks.tick().await;
+        let Some(tally) = tally.upgrade() else { return };
+        for (reason, count, bytes) in tally.take() {
+            if count == 0 {
+                continue;
+            }
+            let event = CacheEvent {
+                action: CacheAction::Evicted,
+                route: stone_events::subjects::NONE_TOKEN.to_owned(),
+                key: "*".to_owned(),
+                tier: Some(CacheTier::Memory),
+                bytes,
+                ttl_s: None,
+                tags: Vec::new(),
+                actor: None,
+                reason: Some(reason.to_owned()),
+                count: Some(count),
+            };
+            events.sink.emit(&Envelope::new(events.source.as_ref(), events.config_seq.load(Ordering::Acquire), event));
+        }
     }
 }
 

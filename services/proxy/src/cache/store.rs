@@ -12,6 +12,7 @@
 //! drift, and decodes without copying the body.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
@@ -264,14 +265,42 @@ impl Expiry<Arc<str>, Slot> for KeepUntil {
     }
 }
 
-/// The in-process tier.
+/// Evictions of the memory tier since the last report, by reason: objects and bytes.
+#[derive(Debug, Default)]
+pub struct EvictionTally {
+    size: (AtomicU64, AtomicU64),
+    expired: (AtomicU64, AtomicU64),
+}
+
+impl EvictionTally {
+    fn record(&self, reason: &(AtomicU64, AtomicU64), bytes: u64) {
+        reason.0.fetch_add(1, Ordering::Relaxed);
+        reason.1.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// The counts since the last call, which start again from zero: `(reason, objects, bytes)`.
+    pub fn take(&self) -> [(&'static str, u64, u64); 2] {
+        [
+            ("size", self.size.0.swap(0, Ordering::Relaxed), self.size.1.swap(0, Ordering::Relaxed)),
+            ("expired", self.expired.0.swap(0, Ordering::Relaxed), self.expired.1.swap(0, Ordering::Relaxed)),
+        ]
+    }
+}
+
+/// The in-process tier; with a bound of 0 bytes there is none and every lookup goes to Redis.
 #[derive(Clone)]
 pub struct MemoryTier {
-    cache: moka::future::Cache<Arc<str>, Slot>,
+    cache: Option<moka::future::Cache<Arc<str>, Slot>>,
 }
 
 impl MemoryTier {
-    pub fn new(max_bytes: u64) -> Self {
+    /// A tier bounded by `max_bytes`; evictions by size and expiry are counted in `evictions`
+    /// (purges and replacements are not evictions).
+    pub fn new(max_bytes: u64, evictions: Arc<EvictionTally>) -> Self {
+        if max_bytes == 0 {
+            // moka admits entries and evicts them later, in batches: a 0-byte moka still answers.
+            return Self { cache: None };
+        }
         let cache = moka::future::Cache::builder()
             .max_capacity(max_bytes)
             .weigher(|key: &Arc<str>, slot: &Slot| {
@@ -279,42 +308,55 @@ impl MemoryTier {
             })
             .expire_after(KeepUntil)
             .support_invalidation_closures()
-            .eviction_listener(|_key, _slot, cause| {
+            .eviction_listener(move |key, slot, cause| {
+                let bytes = u64::from(slot.weight()) + key.len() as u64;
                 let reason = match cause {
-                    moka::notification::RemovalCause::Size => "size",
-                    moka::notification::RemovalCause::Expired => "expired",
+                    moka::notification::RemovalCause::Size => {
+                        evictions.record(&evictions.size, bytes);
+                        "size"
+                    }
+                    moka::notification::RemovalCause::Expired => {
+                        evictions.record(&evictions.expired, bytes);
+                        "expired"
+                    }
                     moka::notification::RemovalCause::Explicit => "purged",
                     moka::notification::RemovalCause::Replaced => return,
                 };
                 metrics::counter!("stone_cache_evictions_total", "tier" => "memory", "reason" => reason).increment(1);
             })
             .build();
-        Self { cache }
+        Self { cache: Some(cache) }
     }
 
     pub async fn get(&self, key: &str) -> Option<Slot> {
-        self.cache.get(key).await
+        self.cache.as_ref()?.get(key).await
     }
 
     pub async fn insert(&self, key: &str, slot: Slot) {
-        self.cache.insert(Arc::from(key), slot).await;
+        if let Some(cache) = &self.cache {
+            cache.insert(Arc::from(key), slot).await;
+        }
     }
 
     pub async fn remove(&self, key: &str) {
-        self.cache.invalidate(key).await;
+        if let Some(cache) = &self.cache {
+            cache.invalidate(key).await;
+        }
     }
 
     /// Drops every entry whose key matches; later lookups never see them.
     pub fn remove_where(&self, predicate: impl Fn(&str, &Slot) -> bool + Send + Sync + 'static) {
-        if let Err(error) = self.cache.invalidate_entries_if(move |key, slot| predicate(key, slot)) {
+        let Some(cache) = &self.cache else { return };
+        if let Err(error) = cache.invalidate_entries_if(move |key, slot| predicate(key, slot)) {
             tracing::warn!(%error, "memory cache purge failed");
         }
     }
 
     /// Bytes held (approximate: moka applies writes in batches).
     pub async fn weighted_size(&self) -> u64 {
-        self.cache.run_pending_tasks().await;
-        self.cache.weighted_size()
+        let Some(cache) = &self.cache else { return 0 };
+        cache.run_pending_tasks().await;
+        cache.weighted_size()
     }
 }
 
@@ -338,12 +380,17 @@ pub enum RedisTierError {
 }
 
 impl RedisTier {
-    pub async fn connect(url: &str, prefix: &str, timeout: Duration) -> Result<Self, RedisTierError> {
+    pub async fn connect(
+        url: &str,
+        prefix: &str,
+        timeout: Duration,
+        connect_timeout: Duration,
+    ) -> Result<Self, RedisTierError> {
         let client = redis::Client::open(url)?;
         let connecting = ConnectionManager::new(client);
-        let connection = tokio::time::timeout(Duration::from_secs(3), connecting)
+        let connection = tokio::time::timeout(connect_timeout, connecting)
             .await
-            .map_err(|_| RedisTierError::Timeout(timeout))??;
+            .map_err(|_| RedisTierError::Timeout(connect_timeout))??;
         Ok(Self { connection, prefix: Arc::from(prefix), timeout, writes: Arc::default() })
     }
 

@@ -140,7 +140,7 @@ async fn redis_tier(config: &StoneConfig, args: &CacheBenchArgs) -> anyhow::Resu
         redis_url: Some(config.redis_url.clone()),
         redis_prefix: format!("bench{}:cache", uuid_suffix()),
         redis_timeout: Duration::from_millis(500),
-        coalesce_wait: Duration::from_secs(5),
+        ..CacheSettings::default()
     };
     let cache = Cache::new(&settings, None).await;
     anyhow::ensure!(cache.has_redis(), "Redis at {} is not reachable", config.redis_url);

@@ -130,7 +130,9 @@ pub fn settings(prefix: &str) -> CacheSettings {
         redis_url: Some(std::env::var("STONE_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())),
         redis_prefix: prefix.to_owned(),
         redis_timeout: Duration::from_millis(500),
+        redis_connect_timeout: Duration::from_secs(3),
         coalesce_wait: Duration::from_secs(5),
+        eviction_report_interval: Duration::from_secs(1),
     }
 }
 
