@@ -174,9 +174,28 @@ pub fn partition_of(id: &Uuid, partitions: u16) -> u16 {
     (hash % u64::from(partitions.max(1))) as u16
 }
 
+/// The partition token of an EVENTS subject (`{ns}.ev.{family}.{name}.v{version}.{partition}…`),
+/// if the subject has that shape.
+pub fn partition_in_subject(subject: &str) -> Option<u16> {
+    let mut tokens = subject.split('.');
+    let events = tokens.nth(1)?;
+    if events != "ev" {
+        return None;
+    }
+    tokens.nth(3)?.parse().ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_partition_is_read_back_from_the_subject() {
+        assert_eq!(partition_in_subject("stone.ev.request.completed.v2.5.r.2xx.miss.u.-"), Some(5));
+        assert_eq!(partition_in_subject("stone.ev.health.worker_heartbeat.v1.0.w1"), Some(0));
+        assert_eq!(partition_in_subject("stone.config.route.a"), None);
+        assert_eq!(partition_in_subject("stone.ev.request"), None);
+    }
 
     #[test]
     fn tokens_are_sanitised() {

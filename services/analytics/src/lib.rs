@@ -9,6 +9,7 @@
 
 pub mod coordinator;
 pub mod partition;
+pub mod rebuild;
 pub mod rows;
 pub mod sink;
 pub mod state;
@@ -59,6 +60,7 @@ pub async fn build(config: &StoneConfig, shutdown: &Shutdown) -> anyhow::Result<
     let (_client, js) = stone_kit::nats::connect_and_provision(config, "stone-analytics").await?;
     let namespace = config.namespace();
     let store = state::open_bucket(&js, &namespace.bucket_name(STATE_BUCKET), config.events.replicas).await?;
+    let rebuilds = stone_kit::rebuild::open(&js, &namespace, config.events.replicas).await?;
     let admin_listener = stone_kit::bind(config.analytics.admin_listen, "analytics.admin_listen").await?;
     let admin_addr = admin_listener.local_addr()?;
     let stream_name = namespace.stream_name(EVENTS);
@@ -71,7 +73,10 @@ pub async fn build(config: &StoneConfig, shutdown: &Shutdown) -> anyhow::Result<
         js,
         stream,
         store,
-        sink: Sink { clickhouse, token_prefix: format!("{}-{}", config.namespace, config.analytics.consumer) },
+        rebuilds,
+        sink: Sink { clickhouse, token_prefix: format!("{}-{}", config.namespace, config.analytics.consumer),
+            table_suffix: "",
+        },
         namespace,
         stream_name,
         consumer_prefix: config.analytics.consumer.clone(),

@@ -38,6 +38,8 @@ pub struct ProjectorContext {
     pub js: jetstream::Context,
     pub stream: jetstream::stream::Stream,
     pub store: kv::Store,
+    /// Rebuild records (`stone_kit::rebuild`): a rebuild of this projection pauses the workers.
+    pub rebuilds: kv::Store,
     pub sink: Sink,
     pub namespace: Namespace,
     pub stream_name: String,
@@ -102,6 +104,10 @@ fn nats_error(error: impl std::fmt::Display) -> StepError {
 }
 
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
+/// How often a paused worker looks whether the rebuild is over.
+const PAUSE_POLL: Duration = Duration::from_millis(200);
+/// The key of this projection's rebuild record.
+pub const REBUILD_KEY: &str = "analytics";
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
 /// A delivered message with the numbers we need from its reply subject.
@@ -250,6 +256,17 @@ impl Worker<'_> {
                     }
                 };
             loop {
+                // Between batches only: a rebuild that is swapping its tables in needs every
+                // partition to hold still with nothing in flight.
+                if let Err(error) = self.honor_pause(release).await {
+                    if let Some(exit) = self.failed(&error, &mut delay, release).await {
+                        return exit;
+                    }
+                    continue 'reopen;
+                }
+                if release.is_cancelled() {
+                    return self.release().await;
+                }
                 let outcome = match self.current.state.pending {
                     Some(pending) => self.replay(&mut reader, pending, release).await,
                     None => self.step(&mut reader, release).await,
@@ -270,6 +287,50 @@ impl Worker<'_> {
                 }
             }
         }
+    }
+
+    /// The analytics rebuild that asks live writers to hold still now, if any.
+    async fn active_pause(&self) -> Result<Option<String>, StepError> {
+        let entry = self.context.rebuilds.get(REBUILD_KEY).await.map_err(nats_error)?;
+        let Some(value) = entry else { return Ok(None) };
+        let status: stone_kit::rebuild::RebuildStatus = match serde_json::from_slice(&value) {
+            Ok(status) => status,
+            Err(error) => {
+                tracing::warn!(%error, "unreadable rebuild record; not pausing");
+                return Ok(None);
+            }
+        };
+        Ok(status.pauses_live(state::now_ms()).then_some(status.id))
+    }
+
+    /// Holds still while a rebuild asks for it: records `paused_by` (so the rebuild knows this
+    /// partition's checkpoint is final), keeps the lease, and clears the mark when the pause ends.
+    async fn honor_pause(&mut self, release: &CancellationToken) -> Result<(), StepError> {
+        let mut pause = self.active_pause().await?;
+        if pause.is_none() && self.current.state.paused_by.is_empty() {
+            return Ok(());
+        }
+        while let Some(id) = pause {
+            if self.current.state.paused_by != id {
+                let mut next = self.current.state.clone();
+                next.paused_by = id.clone();
+                next.lease_expires_ms = self.context.lease_expiry();
+                self.current = state::write(&self.context.store, &self.key, &self.current, next).await?;
+                tracing::info!(partition = self.partition, rebuild = %id, "paused for a rebuild");
+            }
+            tokio::select! {
+                () = tokio::time::sleep(PAUSE_POLL) => {}
+                () = release.cancelled() => return Ok(()),
+            }
+            self.renew_if_due().await?;
+            pause = self.active_pause().await?;
+        }
+        let mut next = self.current.state.clone();
+        next.paused_by.clear();
+        next.lease_expires_ms = self.context.lease_expiry();
+        self.current = state::write(&self.context.store, &self.key, &self.current, next).await?;
+        tracing::info!(partition = self.partition, "resumed after a rebuild");
+        Ok(())
     }
 
     /// Counts and logs a failure and backs off; `Some` when the worker must stop.
@@ -537,7 +598,7 @@ impl Worker<'_> {
 }
 
 /// Adds a decoded event to the rows of its table. Config events never travel on EVENTS.
-fn push_event(rows: &mut Rows, event: Event, partition: u16, sequence: u64) {
+pub(crate) fn push_event(rows: &mut Rows, event: Event, partition: u16, sequence: u64) {
     match event {
         Event::RequestCompleted(envelope) => rows.push_request(RequestRow::new(envelope, partition, sequence)),
         Event::Cache(envelope) => rows.push_cache(CacheRow::new(envelope, partition, sequence)),

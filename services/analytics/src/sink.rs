@@ -23,6 +23,9 @@ pub struct Sink {
     pub clickhouse: clickhouse::Client,
     /// Prefix of every token (the consumer prefix, so two deployments sharing a database differ).
     pub token_prefix: String,
+    /// Appended to every table name: empty for the live projection, `__rebuild` for a rebuild's
+    /// shadow tables.
+    pub table_suffix: &'static str,
 }
 
 impl Sink {
@@ -65,7 +68,8 @@ impl Sink {
         if rows.is_empty() {
             return Ok(());
         }
-        let mut insert = self.clickhouse.insert::<T>(table).await?;
+        let name = format!("{table}{}", self.table_suffix);
+        let mut insert = self.clickhouse.insert::<T>(&name).await?;
         for (name, value) in DEDUPLICATION_SETTINGS {
             insert = insert.with_setting(name, value);
         }

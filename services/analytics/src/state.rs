@@ -44,6 +44,10 @@ pub struct PartitionState {
     pub committed_events: u64,
     /// Unix milliseconds of the last write.
     pub updated_ms: i64,
+    /// Id of the rebuild this partition is paused for: set by the owner at a batch boundary
+    /// (or by the rebuild itself for a partition nobody owns) and cleared once the rebuild has
+    /// swapped its tables in. While set, nothing of the partition is written to ClickHouse.
+    pub paused_by: String,
 }
 
 impl PartitionState {
@@ -87,32 +91,16 @@ pub fn partition_key(partition: u16) -> String {
     format!("p{partition}")
 }
 
-/// Opens (creating if needed) the bucket.
-///
-/// The bucket's stream is created directly with the KV conventions (`KV_<bucket>`, subjects
-/// `$KV.<bucket>.>`, one message per key) because async-nats' `create_key_value` sends fields
-/// that nats-server 2.9 answers in a shape the client cannot parse (the proxy's worker registry
-/// does the same; both belong in the kit once it offers a helper).
+/// Opens (creating if needed) the bucket. No TTL: checkpoints must never expire.
 pub async fn open_bucket(js: &async_nats::jetstream::Context, bucket: &str, replicas: usize) -> anyhow::Result<Store> {
-    if let Ok(store) = js.get_key_value(bucket).await {
-        return Ok(store);
-    }
-    js.get_or_create_stream(async_nats::jetstream::stream::Config {
-        name: format!("KV_{bucket}"),
-        description: Some("Proxy Stone analytics projector: partition leases and checkpoints".to_owned()),
-        subjects: vec![format!("$KV.{bucket}.>")],
-        max_messages_per_subject: 1,
-        storage: async_nats::jetstream::stream::StorageType::File,
-        discard: async_nats::jetstream::stream::DiscardPolicy::New,
-        num_replicas: replicas.max(1),
-        allow_rollup: true,
-        deny_delete: true,
-        allow_direct: true,
-        ..Default::default()
-    })
+    stone_kit::nats::open_kv(
+        js,
+        bucket,
+        "Proxy Stone analytics projector: partition leases and checkpoints",
+        std::time::Duration::ZERO,
+        replicas,
+    )
     .await
-    .map_err(|error| anyhow::anyhow!("cannot create key-value bucket {bucket}: {error}"))?;
-    js.get_key_value(bucket).await.map_err(|error| anyhow::anyhow!("cannot open key-value bucket {bucket}: {error}"))
 }
 
 /// Reads a key's state, if it exists.

@@ -63,7 +63,7 @@ async fn a_partly_committed_batch_is_completed_by_its_retry_without_duplicates()
 
         // The projector's own inserts (RowBinary, one per table and day): retrying a batch any
         // number of times stores it once, raw and rolled up.
-        let sink = Sink { clickhouse: clickhouse.clone(), token_prefix: "test".to_owned() };
+        let sink = Sink { clickhouse: clickhouse.clone(), token_prefix: "test".to_owned(), table_suffix: "" };
         let now = OffsetDateTime::now_utc();
         let mut rows = Rows::default();
         for index in 0..1_000u64 {

@@ -20,6 +20,8 @@ use stone_events::Namespace;
 use stone_events::config::{AppliedChange, ConfigOp, ConfigState, EntitySpec};
 use stone_kit::config_stream::{self, Followed};
 use stone_kit::{Shutdown, StoneConfig};
+
+pub mod rebuild;
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 
@@ -180,7 +182,7 @@ async fn write(
         return Ok(());
     }
     for change in applied {
-        write_change(&mut transaction, change, stream_seq, effective_at).await?;
+        write_change(&mut transaction, change, stream_seq, effective_at, LIVE).await?;
     }
     sqlx::query("UPDATE projection_checkpoints SET stream_seq = $2, updated_at = now() WHERE projection = $1")
         .bind(PROJECTION)
@@ -196,11 +198,21 @@ fn body(spec: Option<&EntitySpec>) -> Result<Option<serde_json::Value>, serde_js
     spec.map(EntitySpec::to_body).transpose()
 }
 
-async fn write_change(
+/// The tables a projection writes: the live ones, or a rebuild's shadow tables.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Tables {
+    pub entities: &'static str,
+    pub history: &'static str,
+}
+
+pub(crate) const LIVE: Tables = Tables { entities: "config_entities", history: "config_history" };
+
+pub(crate) async fn write_change(
     transaction: &mut Transaction<'_, Postgres>,
     applied: &AppliedChange,
     effective_seq: u64,
     effective_at: OffsetDateTime,
+    tables: Tables,
 ) -> Result<(), ProjectError> {
     let change = &applied.change;
     let kind = change.kind.as_str();
@@ -211,13 +223,15 @@ async fn write_change(
     };
     match (&change.op, &after) {
         (ConfigOp::Upserted, Some(spec)) => {
-            sqlx::query(
-                "INSERT INTO config_entities (kind, name, id, version, spec, stream_seq, updated_at, updated_by) \
+            // Table names are constants of ours, never input.
+            sqlx::query(&format!(
+                "INSERT INTO {} (kind, name, id, version, spec, stream_seq, updated_at, updated_by) \
                  VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
                  ON CONFLICT (kind, name) DO UPDATE SET id = EXCLUDED.id, version = EXCLUDED.version, \
                  spec = EXCLUDED.spec, stream_seq = EXCLUDED.stream_seq, updated_at = EXCLUDED.updated_at, \
                  updated_by = EXCLUDED.updated_by",
-            )
+                tables.entities
+            ))
             .bind(kind)
             .bind(&change.name)
             .bind(change.id)
@@ -231,7 +245,7 @@ async fn write_change(
         }
         (ConfigOp::Upserted, None) => {}
         (ConfigOp::Deleted, _) => {
-            sqlx::query("DELETE FROM config_entities WHERE kind = $1 AND name = $2")
+            sqlx::query(&format!("DELETE FROM {} WHERE kind = $1 AND name = $2", tables.entities))
                 .bind(kind)
                 .bind(&change.name)
                 .execute(&mut **transaction)
@@ -242,11 +256,12 @@ async fn write_change(
         ConfigOp::Upserted => "upserted",
         ConfigOp::Deleted => "deleted",
     };
-    sqlx::query(
-        "INSERT INTO config_history (stream_seq, effective_seq, effective_at, kind, name, entity_id, version, op, \
+    sqlx::query(&format!(
+        "INSERT INTO {} (stream_seq, effective_seq, effective_at, kind, name, entity_id, version, op, \
          actor, change_set, before, after) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) \
          ON CONFLICT (stream_seq) DO NOTHING",
-    )
+        tables.history
+    ))
     .bind(to_i64(applied.stream_seq))
     .bind(to_i64(effective_seq))
     .bind(effective_at)

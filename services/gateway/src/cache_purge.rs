@@ -20,7 +20,7 @@ use utoipa::ToSchema;
 
 use crate::AppState;
 use crate::auth::{RequireScope, Write};
-use crate::error::{ErrorBody, ErrorDetail};
+use crate::error::ErrorBody;
 
 /// Bound on publishing, so a NATS outage answers 503 instead of hanging.
 const PUBLISH_TIMEOUT: Duration = Duration::from_secs(3);
@@ -159,7 +159,4 @@ async fn record(state: &PurgeState, envelope: &Envelope<CacheEvent>) -> anyhow::
     acknowledgement.map_err(|_| anyhow::anyhow!("no acknowledgement within {PUBLISH_TIMEOUT:?}"))?
 }
 
-fn error(status: StatusCode, code: &'static str, message: &str, field: Option<&str>) -> Response {
-    let body = ErrorBody { error: ErrorDetail { code, message: message.to_owned(), field: field.map(str::to_owned) } };
-    (status, Json(body)).into_response()
-}
+use crate::error::respond as error;

@@ -36,6 +36,13 @@ pub enum ApiError {
     Internal(#[source] anyhow::Error),
 }
 
+/// A `{"error": {code, message, field?}}` response for handlers whose errors do not fit
+/// [`ApiError`] (conflicts, accepted-with-problem answers).
+pub fn respond(status: StatusCode, code: &'static str, message: &str, field: Option<&str>) -> Response {
+    let body = ErrorBody { error: ErrorDetail { code, message: message.to_owned(), field: field.map(str::to_owned) } };
+    (status, Json(body)).into_response()
+}
+
 impl ApiError {
     pub fn invalid(field: impl Into<String>, message: impl Into<String>) -> Self {
         Self::InvalidParameter { field: Some(field.into()), message: message.into() }

@@ -16,6 +16,7 @@ pub mod error;
 pub mod metrics;
 pub mod openapi;
 mod readiness;
+pub mod rebuild;
 pub mod streams;
 pub mod time_range;
 pub mod workers;
@@ -128,6 +129,7 @@ pub async fn build(config: &StoneConfig, shutdown: &Shutdown) -> anyhow::Result<
         js: stream_state.js.clone(),
         namespace: config.namespace(),
         partitions: config.partitions,
+        pool: state.token_store().cloned(),
     };
     let purge_state = cache_purge::PurgeState {
         app: state.clone(),
@@ -135,11 +137,24 @@ pub async fn build(config: &StoneConfig, shutdown: &Shutdown) -> anyhow::Result<
         namespace: config.namespace(),
         partitions: config.partitions,
     };
+    let rebuild_state = rebuild::RebuildState {
+        app: state.clone(),
+        analytics: stone_analytics::rebuild::Rebuilder::connect(config, stream_state.js.clone()).await?,
+        config: stone_config_projector::rebuild::ConfigRebuilder::connect(
+            config,
+            state.token_store().cloned().ok_or_else(|| anyhow::anyhow!("no Postgres pool"))?,
+            stream_state.js.clone(),
+        )
+        .await?,
+        batch_rows: config.analytics.batch_max_rows.max(50_000),
+        shutdown: shutdown.clone(),
+    };
     let app = router(state)
         .merge(cache_purge::routes(purge_state))
         .merge(streams::routes(stream_state))
         .merge(workers::routes(workers_state))
-        .merge(analytics::projections::routes(projections_state));
+        .merge(analytics::projections::routes(projections_state))
+        .merge(rebuild::routes(rebuild_state));
     let serving = stone_kit::admin::serve(listener, app, shutdown.token());
     let process_shutdown = shutdown.clone();
     let server = shutdown.spawn(async move {

@@ -22,6 +22,9 @@ use crate::error::{ErrorBody, ErrorDetail};
         crate::analytics::health::upstreams,
         crate::analytics::health::timeline,
         crate::analytics::projections::projections,
+        crate::rebuild::start,
+        crate::rebuild::status,
+        crate::rebuild::progress,
         crate::streams::stream_events,
         crate::workers::list_workers,
         crate::cache_purge::purge
@@ -49,12 +52,16 @@ use crate::error::{ErrorBody, ErrorDetail};
         crate::analytics::health::Transition,
         crate::analytics::projections::ProjectionList,
         crate::analytics::projections::Projection,
-        crate::analytics::projections::PartitionLag
+        crate::analytics::projections::PartitionLag,
+        crate::rebuild::RebuildRequest,
+        crate::rebuild::RebuildAccepted,
+        stone_kit::rebuild::RebuildStatus,
+        stone_kit::rebuild::Phase
     )),
     tags(
         (name = "analytics", description = "Traffic analytics from the ClickHouse projection"),
         (name = "health", description = "Upstream target health from health events"),
-        (name = "projections", description = "How far each projection is behind the stream"),
+        (name = "projections", description = "How far each projection is behind the stream, and rebuilds from it"),
         (name = "streams", description = "Live, resumable event streams (Server-Sent Events)"),
         (name = "fleet", description = "Proxy workers and their state"),
         (name = "cache", description = "The proxies' response cache")

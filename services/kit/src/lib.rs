@@ -13,6 +13,7 @@ pub mod dependency;
 pub mod migrations;
 pub mod nats;
 pub mod postgres;
+pub mod rebuild;
 pub mod shutdown;
 pub mod telemetry;
 #[cfg(feature = "testing")]

@@ -82,3 +82,38 @@ pub async fn connect_and_provision(
     })?;
     Ok((client, js))
 }
+
+/// Opens a key-value bucket, creating it if needed.
+///
+/// The bucket's stream is created directly with the KV conventions (`KV_<bucket>`, subjects
+/// `$KV.<bucket>.>`, one message per key) because async-nats' `create_key_value` sends fields
+/// that nats-server 2.9 answers in a shape the client cannot parse. `max_age` of zero keeps
+/// values forever (checkpoints); a TTL makes keys lapse (heartbeats).
+pub async fn open_kv(
+    js: &jetstream::Context,
+    bucket: &str,
+    description: &str,
+    max_age: Duration,
+    replicas: usize,
+) -> anyhow::Result<jetstream::kv::Store> {
+    if let Ok(store) = js.get_key_value(bucket).await {
+        return Ok(store);
+    }
+    js.get_or_create_stream(stream::Config {
+        name: format!("KV_{bucket}"),
+        description: Some(description.to_owned()),
+        subjects: vec![format!("$KV.{bucket}.>")],
+        max_messages_per_subject: 1,
+        max_age,
+        storage: stream::StorageType::File,
+        discard: stream::DiscardPolicy::New,
+        num_replicas: replicas.max(1),
+        allow_rollup: true,
+        deny_delete: true,
+        allow_direct: true,
+        ..Default::default()
+    })
+    .await
+    .map_err(|error| anyhow::anyhow!("cannot create key-value bucket {bucket}: {error}"))?;
+    js.get_key_value(bucket).await.map_err(|error| anyhow::anyhow!("cannot open key-value bucket {bucket}: {error}"))
+}

@@ -117,6 +117,28 @@ impl GatewayClient {
     }
 }
 
+impl GatewayClient {
+    /// Opens a Server-Sent-Events stream (`GET`, authenticated) and returns the response once its
+    /// status is 2xx.
+    pub async fn open_events(&self, path: &str) -> anyhow::Result<hyper::Response<hyper::body::Incoming>> {
+        let url = format!("{}{path}", self.base);
+        let request = Request::builder()
+            .method(Method::GET)
+            .uri(&url)
+            .header("authorization", format!("Bearer {}", self.token))
+            .header("accept", "text/event-stream")
+            .body(Full::new(Bytes::new()))?;
+        let response =
+            self.client.request(request).await.with_context(|| format!("cannot reach the gateway at {url}"))?;
+        if !response.status().is_success() {
+            let status = response.status();
+            let bytes = response.into_body().collect().await?.to_bytes();
+            anyhow::bail!("gateway answered {status}: {}", String::from_utf8_lossy(&bytes));
+        }
+        Ok(response)
+    }
+}
+
 /// Writes text to standard output (the commands' result, unlike logs on standard error).
 pub fn print(text: &str) -> anyhow::Result<()> {
     let mut stdout = std::io::stdout().lock();

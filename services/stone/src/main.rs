@@ -18,6 +18,7 @@ mod bench_proxy;
 mod config_cmd;
 mod demo;
 mod dev;
+mod replay;
 mod tail;
 
 #[derive(Debug, Parser)]
@@ -55,6 +56,9 @@ enum Command {
     /// Gateway API tokens (the bootstrap of the first admin token).
     #[command(subcommand)]
     Token(config_cmd::TokenCommand),
+    /// Rebuild a projection from its stream into shadow tables, with a progress bar, and swap it
+    /// in (through the gateway; needs an admin token).
+    Replay(replay::ReplayArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -67,6 +71,12 @@ enum BenchCommand {
     /// Cache hits against nginx proxy_cache serving the same object, and Redis-tier hit latency.
     Cache(bench_cache::CacheBenchArgs),
 }
+
+/// mimalloc instead of glibc's malloc: the proxy allocates and frees small buffers per request
+/// from several threads, where glibc spent about a fifth of the proxy's CPU time (`perf`, see
+/// docs/benchmarks.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() {
     stone_kit::exit_on_error(run());
@@ -82,6 +92,7 @@ fn run() -> anyhow::Result<()> {
         Command::Bench(BenchCommand::Pipeline(args)) => return runtime.block_on(bench_pipeline::run(&config, args)),
         Command::Bench(BenchCommand::Cache(args)) => return bench_cache::run(&config, &runtime, args),
         Command::Apply(args) => return runtime.block_on(apply::run(args)),
+        Command::Replay(args) => return runtime.block_on(replay::run(args)),
         Command::Config(command) => return runtime.block_on(config_cmd::run_config(command)),
         Command::Token(command) => return runtime.block_on(config_cmd::run_token(&config, command)),
         service => service,
@@ -94,7 +105,7 @@ fn run() -> anyhow::Result<()> {
             Command::Dev(_) => "stone-dev",
             Command::Tail(_) => "stone-tail",
             Command::ConfigProjector => "stone-config-projector",
-            Command::Apply(_) | Command::Config(_) | Command::Token(_) | Command::Bench(_) => "stone-tool",
+            Command::Apply(_) | Command::Config(_) | Command::Token(_) | Command::Bench(_) | Command::Replay(_) => "stone-tool",
         };
         let _telemetry = stone_kit::telemetry::init(&config.telemetry, service_name)?;
         let shutdown = Shutdown::new();
@@ -104,7 +115,7 @@ fn run() -> anyhow::Result<()> {
             Command::Gateway => stone_gateway::build(&config, &shutdown).await.map(|_| ()),
             Command::Dev(args) => dev::start(config.clone(), args, &shutdown).await,
             Command::ConfigProjector => stone_config_projector::build(&config, &shutdown).await.map(|_| ()),
-            Command::Apply(_) | Command::Config(_) | Command::Token(_) | Command::Bench(_) => Ok(()),
+            Command::Apply(_) | Command::Config(_) | Command::Token(_) | Command::Bench(_) | Command::Replay(_) => Ok(()),
             Command::Tail(args) => {
                 // A client command: it runs until Ctrl-C or until it fails.
                 let on_signal = shutdown.clone();

@@ -104,6 +104,7 @@ async fn clickhouse_down_then_back_loses_nothing_and_doubles_nothing() -> TestRe
             js: js.clone(),
             namespace: config.namespace(),
             partitions: config.partitions,
+            pool: None,
         };
         api_shutdown.spawn(stone_kit::admin::serve(
             listener,

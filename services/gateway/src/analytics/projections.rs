@@ -1,6 +1,8 @@
-//! `GET /v1/projections`: how far each projection is behind the stream, per partition, read
-//! from the analytics projector's state bucket (owner, checkpoint, pending events, seconds
-//! behind), so lag is visible without scraping every projector's metrics.
+//! `GET /v1/projections`: how far each projection is behind its stream — the analytics projection
+//! per partition, read from the projector's state bucket (owner, checkpoint, pending events,
+//! seconds behind), the config projection from its Postgres checkpoint — and each one's latest
+//! rebuild (phase, done, total, rate, ETA), so lag and rebuilds are visible without scraping
+//! every projector's metrics.
 
 use std::time::Duration;
 
@@ -16,9 +18,8 @@ use axum::response::{IntoResponse, Response};
 
 use crate::error::{ErrorBody, ErrorDetail};
 
-/// Base name of the projector's bucket (`stone_analytics::STATE_BUCKET`; the gateway does not
-/// depend on the projector crate, so the name and the value shape are repeated here).
-const ANALYTICS_BUCKET: &str = "ANALYTICS";
+/// Base name of the projector's bucket.
+const ANALYTICS_BUCKET: &str = stone_analytics::STATE_BUCKET;
 /// Bound on reading the bucket, so a NATS outage answers 503 instead of hanging.
 const READ_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -28,6 +29,8 @@ pub struct ProjectionsState {
     pub js: jetstream::Context,
     pub namespace: stone_events::Namespace,
     pub partitions: u16,
+    /// The config projection's checkpoint is read here; `None` leaves it out.
+    pub pool: Option<sqlx::PgPool>,
 }
 
 /// The value the projector writes per partition (`stone_analytics::state::PartitionState`).
@@ -71,12 +74,17 @@ pub struct PartitionLag {
 
 #[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct Projection {
-    /// `analytics`.
+    /// `analytics` or `config`.
     pub name: String,
     pub pending_events: u64,
-    /// The largest lag over the partitions.
+    /// The largest lag over the partitions (analytics; 0 for config, which reports only counts).
     pub seconds_behind: f64,
+    /// Per partition (analytics; empty for config, which has one checkpoint).
     pub partitions: Vec<PartitionLag>,
+    /// Stream sequence up to which the projection is written (config only).
+    pub checkpoint: Option<u64>,
+    /// The latest rebuild, running or finished.
+    pub rebuild: Option<stone_kit::rebuild::RebuildStatus>,
 }
 
 #[derive(Debug, Clone, Serialize, ToSchema)]
@@ -138,13 +146,55 @@ pub async fn projections(State(state): State<ProjectionsState>) -> Result<Json<P
         Ok(Err(error)) => return Err(unavailable(&error.to_string())),
         Err(_) => return Err(unavailable("timed out")),
     };
-    let projection = Projection {
+    let rebuilds = match tokio::time::timeout(READ_TIMEOUT, rebuild_records(&state)).await {
+        Ok(Ok(records)) => records,
+        Ok(Err(error)) => return Err(unavailable(&error.to_string())),
+        Err(_) => return Err(unavailable("timed out")),
+    };
+    let analytics = Projection {
         name: "analytics".to_owned(),
         pending_events: partitions.iter().map(|partition| partition.pending_events).sum(),
         seconds_behind: partitions.iter().map(|partition| partition.seconds_behind).fold(0.0, f64::max),
         partitions,
+        checkpoint: None,
+        rebuild: rebuilds.0,
     };
-    Ok(Json(ProjectionList { projections: vec![projection] }))
+    let mut projections = vec![analytics];
+    if let Some(pool) = &state.pool {
+        let read = async {
+            let checkpoint = stone_config_projector::checkpoint(pool).await.map_err(|error| error.to_string())?;
+            let head = stone_kit::config_stream::last_sequence(&state.js, &state.namespace)
+                .await
+                .map_err(|error| error.to_string())?;
+            Ok::<_, String>((checkpoint, head))
+        };
+        let (checkpoint, head) = match tokio::time::timeout(READ_TIMEOUT, read).await {
+            Ok(Ok(read)) => read,
+            Ok(Err(error)) => return Err(unavailable(&error)),
+            Err(_) => return Err(unavailable("timed out")),
+        };
+        projections.push(Projection {
+            name: "config".to_owned(),
+            pending_events: head.saturating_sub(checkpoint),
+            seconds_behind: 0.0,
+            partitions: Vec::new(),
+            checkpoint: Some(checkpoint),
+            rebuild: rebuilds.1,
+        });
+    }
+    Ok(Json(ProjectionList { projections }))
+}
+
+type Records = (Option<stone_kit::rebuild::RebuildStatus>, Option<stone_kit::rebuild::RebuildStatus>);
+
+/// The latest rebuild record of the analytics and the config projection.
+async fn rebuild_records(state: &ProjectionsState) -> anyhow::Result<Records> {
+    let bucket = state.namespace.bucket_name(stone_kit::rebuild::BUCKET);
+    // No bucket yet: nothing was ever rebuilt.
+    let Ok(store) = state.js.get_key_value(bucket).await else { return Ok((None, None)) };
+    let analytics = stone_kit::rebuild::read(&store, stone_analytics::partition::REBUILD_KEY).await?;
+    let config = stone_kit::rebuild::read(&store, stone_config_projector::rebuild::REBUILD_KEY).await?;
+    Ok((analytics, config))
 }
 
 fn unavailable(error: &str) -> Response {
