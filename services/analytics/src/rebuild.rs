@@ -95,7 +95,8 @@ impl Rebuilder {
     /// migrations), so this does not migrate.
     pub async fn connect(config: &StoneConfig, js: jetstream::Context) -> anyhow::Result<Self> {
         let namespace = config.namespace();
-        let states = state::open_bucket(&js, &namespace.bucket_name(crate::STATE_BUCKET), config.events.replicas).await?;
+        let states =
+            state::open_bucket(&js, &namespace.bucket_name(crate::STATE_BUCKET), config.events.replicas).await?;
         let rebuilds = stone_kit::rebuild::open(&js, &namespace, config.events.replicas).await?;
         Ok(Self {
             js,
@@ -153,13 +154,11 @@ impl Rebuilder {
         self.seed(from_seq).await?;
         tracing::info!(from_seq, tables = ?tables.all(), "analytics rebuild: shadow tables created and seeded");
 
-        let (sender, inserts) = spawn_inserter(
-            Sink {
-                clickhouse: self.clickhouse.clone(),
-                token_prefix: format!("rebuild-{}", tracker.status().id),
-                table_suffix: SHADOW,
-            },
-        );
+        let (sender, inserts) = spawn_inserter(Sink {
+            clickhouse: self.clickhouse.clone(),
+            token_prefix: format!("rebuild-{}", tracker.status().id),
+            table_suffix: SHADOW,
+        });
         let mut reader = Reader {
             rebuilder: self,
             tracker,
@@ -243,12 +242,13 @@ impl Rebuilder {
                 else {
                     continue;
                 };
-                let target = view.strip_suffix("_mv").filter(|target| by_name.contains_key(target)).ok_or_else(|| {
-                    anyhow::anyhow!(
-                        "materialized view {view} on {raw} does not follow the `{{rollup}}_mv` naming, so its \
+                let target =
+                    view.strip_suffix("_mv").filter(|target| by_name.contains_key(target)).ok_or_else(|| {
+                        anyhow::anyhow!(
+                            "materialized view {view} on {raw} does not follow the `{{rollup}}_mv` naming, so its \
                          rollup table cannot be rebuilt"
-                    )
-                })?;
+                        )
+                    })?;
                 tables.views.push(View {
                     name: view.clone(),
                     source: raw.to_owned(),
@@ -270,7 +270,8 @@ impl Rebuilder {
             .fetch_all()
             .await?;
         // Views first, so no insert into a shadow table fires into one being dropped.
-        let (views, tables): (Vec<_>, Vec<_>) = shadows.into_iter().partition(|(_, engine)| engine == "MaterializedView");
+        let (views, tables): (Vec<_>, Vec<_>) =
+            shadows.into_iter().partition(|(_, engine)| engine == "MaterializedView");
         for (name, _) in views.into_iter().chain(tables) {
             self.clickhouse.query(&format!("DROP TABLE IF EXISTS {name} SYNC")).execute().await?;
         }
@@ -292,7 +293,11 @@ impl Rebuilder {
     }
 
     /// The first sequence to replay.
-    async fn start_sequence(&self, stream: &jetstream::stream::Stream, options: &RebuildOptions) -> anyhow::Result<u64> {
+    async fn start_sequence(
+        &self,
+        stream: &jetstream::stream::Stream,
+        options: &RebuildOptions,
+    ) -> anyhow::Result<u64> {
         let info = stream.get_info().await?;
         let first = info.state.first_sequence.max(1);
         if let Some(from_seq) = options.from_seq {
@@ -410,8 +415,11 @@ impl Rebuilder {
                     None => {
                         // Never projected: start it where ClickHouse stands, as the coordinator would.
                         let watermark = crate::sink::stored_watermark(&self.clickhouse, partition).await?;
-                        let initial =
-                            PartitionState { committed_through: watermark, paused_by: id.clone(), ..Default::default() };
+                        let initial = PartitionState {
+                            committed_through: watermark,
+                            paused_by: id.clone(),
+                            ..Default::default()
+                        };
                         match state::create(&self.states, &key, initial).await {
                             Ok(created) => Some(created.state.committed_through),
                             Err(StateError::Conflict) => None,
@@ -621,7 +629,7 @@ impl Reader<'_> {
             } else {
                 self.last_read = sequence;
             }
-            if sequence % 4096 == 0 {
+            if sequence.is_multiple_of(4096) {
                 self.report();
             }
         }
@@ -631,7 +639,12 @@ impl Reader<'_> {
 
     /// Decodes one event into the batch; undecodable ones are counted (the live projection sent
     /// them to the dead-letter stream) and skipped.
-    async fn take(&mut self, sequence: u64, partition: Option<u16>, message: &jetstream::Message) -> anyhow::Result<()> {
+    async fn take(
+        &mut self,
+        sequence: u64,
+        partition: Option<u16>,
+        message: &jetstream::Message,
+    ) -> anyhow::Result<()> {
         self.last_read = sequence;
         let Some(partition) = partition else {
             self.skipped += 1;
@@ -647,7 +660,7 @@ impl Reader<'_> {
         if self.rows.len() >= self.batch_rows || self.batch_started.elapsed() >= Duration::from_secs(2) {
             self.flush().await?;
         }
-        if sequence % 4096 == 0 {
+        if sequence.is_multiple_of(4096) {
             self.report();
         }
         Ok(())

@@ -99,12 +99,13 @@ pub async fn stored_watermark(
 }
 
 /// The tables whose TTL follows the configuration, with the time expression of their TTL.
-const RETENTION: [(&str, &str, Retention); 5] = [
+const RETENTION: [(&str, &str, Retention); 6] = [
     ("requests", "toDateTime(time)", Retention::Raw),
     ("cache_events", "toDateTime(time)", Retention::Raw),
     ("health_events", "toDateTime(time)", Retention::Raw),
     ("requests_1m", "bucket", Retention::Raw),
     ("requests_1h", "bucket", Retention::Rollup),
+    ("consumer_usage_1h", "bucket", Retention::Rollup),
 ];
 
 #[derive(Clone, Copy)]

@@ -81,21 +81,29 @@ impl ConfigRebuilder {
             tracing::warn!(%error, "cannot record the rebuild's outcome");
         }
         match &outcome {
-            Ok(summary) => tracing::info!(events = summary.events, checkpoint = summary.checkpoint, "config rebuild done"),
+            Ok(summary) => {
+                tracing::info!(events = summary.events, checkpoint = summary.checkpoint, "config rebuild done")
+            }
             Err(error) => tracing::warn!(error = %format!("{error:#}"), "config rebuild failed"),
         }
         outcome
     }
 
     async fn drop_shadow(&self) -> Result<(), sqlx::Error> {
-        sqlx::query("DROP TABLE IF EXISTS config_entities__rebuild, config_history__rebuild").execute(&self.pool).await?;
+        sqlx::query("DROP TABLE IF EXISTS config_entities__rebuild, config_history__rebuild")
+            .execute(&self.pool)
+            .await?;
         Ok(())
     }
 
     async fn run(&self, tracker: &Tracker) -> anyhow::Result<ConfigRebuildSummary> {
         self.drop_shadow().await?;
-        sqlx::query("CREATE TABLE config_entities__rebuild (LIKE config_entities INCLUDING ALL)").execute(&self.pool).await?;
-        sqlx::query("CREATE TABLE config_history__rebuild (LIKE config_history INCLUDING ALL)").execute(&self.pool).await?;
+        sqlx::query("CREATE TABLE config_entities__rebuild (LIKE config_entities INCLUDING ALL)")
+            .execute(&self.pool)
+            .await?;
+        sqlx::query("CREATE TABLE config_history__rebuild (LIKE config_history INCLUDING ALL)")
+            .execute(&self.pool)
+            .await?;
 
         let target = config_stream::last_sequence(&self.js, &self.namespace).await?;
         let mut fold = Fold {
@@ -117,10 +125,12 @@ impl ConfigRebuilder {
 
         tracker.phase(Phase::Swapping).await?;
         let mut transaction = self.pool.begin().await?;
-        sqlx::query("INSERT INTO projection_checkpoints (projection, stream_seq) VALUES ($1, 0) ON CONFLICT DO NOTHING")
-            .bind(PROJECTION)
-            .execute(&mut *transaction)
-            .await?;
+        sqlx::query(
+            "INSERT INTO projection_checkpoints (projection, stream_seq) VALUES ($1, 0) ON CONFLICT DO NOTHING",
+        )
+        .bind(PROJECTION)
+        .execute(&mut *transaction)
+        .await?;
         let live: i64 =
             sqlx::query_scalar("SELECT stream_seq FROM projection_checkpoints WHERE projection = $1 FOR UPDATE")
                 .bind(PROJECTION)

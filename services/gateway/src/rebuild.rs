@@ -89,17 +89,21 @@ enum Projection {
 }
 
 impl Projection {
-    fn parse(name: &str) -> Result<Self, Response> {
+    fn parse(name: &str) -> Option<Self> {
         match name {
-            "analytics" => Ok(Self::Analytics),
-            "config" => Ok(Self::Config),
-            _ => Err(respond(
-                StatusCode::NOT_FOUND,
-                "not_found",
-                &format!("no projection named {name:?}; there are `analytics` and `config`"),
-                Some("name"),
-            )),
+            "analytics" => Some(Self::Analytics),
+            "config" => Some(Self::Config),
+            _ => None,
         }
+    }
+
+    fn unknown(name: &str) -> Response {
+        respond(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            &format!("no projection named {name:?}; there are `analytics` and `config`"),
+            Some("name"),
+        )
     }
 
     fn key(self) -> &'static str {
@@ -132,10 +136,7 @@ pub async fn start(State(state): State<RebuildState>, Path(name): Path<String>, 
         Ok(RequireScope { caller, .. }) => caller,
         Err(rejection) => return rejection.into_response(),
     };
-    let projection = match Projection::parse(&name) {
-        Ok(projection) => projection,
-        Err(response) => return response,
-    };
+    let Some(projection) = Projection::parse(&name) else { return Projection::unknown(&name) };
     let Ok(body) = axum::body::to_bytes(body, MAX_BODY_BYTES).await else {
         return respond(StatusCode::BAD_REQUEST, "invalid_parameter", "the body is unreadable or too large", None);
     };
@@ -150,7 +151,9 @@ pub async fn start(State(state): State<RebuildState>, Path(name): Path<String>, 
     let from_time = match request.from_time.as_deref() {
         Some(value) => match crate::time_range::parse_instant("from_time", value, time::OffsetDateTime::now_utc()) {
             Ok(instant) => Some(instant),
-            Err(error) => return respond(StatusCode::BAD_REQUEST, "invalid_parameter", &error.to_string(), Some("from_time")),
+            Err(error) => {
+                return respond(StatusCode::BAD_REQUEST, "invalid_parameter", &error.to_string(), Some("from_time"));
+            }
         },
         None => None,
     };
@@ -222,10 +225,7 @@ pub async fn start(State(state): State<RebuildState>, Path(name): Path<String>, 
     )
 )]
 pub async fn status(State(state): State<RebuildState>, Path(name): Path<String>) -> Response {
-    let projection = match Projection::parse(&name) {
-        Ok(projection) => projection,
-        Err(response) => return response,
-    };
+    let Some(projection) = Projection::parse(&name) else { return Projection::unknown(&name) };
     match stone_kit::rebuild::read(&state.analytics.rebuilds, projection.key()).await {
         Ok(Some(record)) => Json(record).into_response(),
         Ok(None) => respond(StatusCode::NOT_FOUND, "not_found", &format!("{name} was never rebuilt"), None),
@@ -254,10 +254,7 @@ pub async fn progress(
     Path(name): Path<String>,
     axum::extract::Query(query): axum::extract::Query<ProgressQuery>,
 ) -> Response {
-    let projection = match Projection::parse(&name) {
-        Ok(projection) => projection,
-        Err(response) => return response,
-    };
+    let Some(projection) = Projection::parse(&name) else { return Projection::unknown(&name) };
     let store = state.analytics.rebuilds.clone();
     let shutdown = state.shutdown.token();
     let key = projection.key();
@@ -310,7 +307,8 @@ where
 {
     let (sender, receiver) = tokio::sync::mpsc::channel(16);
     tokio::spawn(producer(sender));
-    futures::stream::unfold(receiver, |mut receiver| async move {
-        receiver.recv().await.map(|event| (Ok(event), receiver))
-    })
+    futures::stream::unfold(
+        receiver,
+        |mut receiver| async move { receiver.recv().await.map(|event| (Ok(event), receiver)) },
+    )
 }

@@ -27,6 +27,11 @@ pub const POSTGRES: &[Migration] = &[
 pub const CLICKHOUSE: &[Migration] = &[
     Migration { version: 1, name: "requests", sql: include_str!("../../../migrations/clickhouse/0001_requests.sql") },
     Migration { version: 2, name: "analytics", sql: include_str!("../../../migrations/clickhouse/0002_analytics.sql") },
+    Migration {
+        version: 3,
+        name: "consumer_usage",
+        sql: include_str!("../../../migrations/clickhouse/0003_consumer_usage.sql"),
+    },
 ];
 
 /// Splits a file into statements at `;` outside quotes and comments (the ClickHouse HTTP

@@ -123,7 +123,11 @@ fn millis(duration: Duration) -> i64 {
 }
 
 /// Opens (creating if needed) the bucket of rebuild records.
-pub async fn open(js: &jetstream::Context, namespace: &stone_events::Namespace, replicas: usize) -> anyhow::Result<kv::Store> {
+pub async fn open(
+    js: &jetstream::Context,
+    namespace: &stone_events::Namespace,
+    replicas: usize,
+) -> anyhow::Result<kv::Store> {
     crate::nats::open_kv(
         js,
         &namespace.bucket_name(BUCKET),
@@ -197,12 +201,7 @@ impl std::ops::Deref for Tracker {
 
 impl Tracker {
     /// Claims the projection's record for a new rebuild: fails while another one is alive.
-    pub async fn start(
-        store: kv::Store,
-        projection: &str,
-        actor: &str,
-        from_seq: u64,
-    ) -> Result<Self, StartError> {
+    pub async fn start(store: kv::Store, projection: &str, actor: &str, from_seq: u64) -> Result<Self, StartError> {
         let now = now_ms();
         let status = RebuildStatus {
             id: uuid::Uuid::now_v7().to_string(),
@@ -277,8 +276,7 @@ impl Writer {
         status.target_seq = target_seq;
         status.skipped = skipped;
         status.rate = done as f64 / elapsed;
-        status.eta_seconds =
-            (status.rate > 0.0).then(|| (status.total.saturating_sub(done)) as f64 / status.rate);
+        status.eta_seconds = (status.rate > 0.0).then(|| (status.total.saturating_sub(done)) as f64 / status.rate);
         inner.dirty = true;
     }
 
@@ -368,7 +366,8 @@ mod tests {
 
     #[test]
     fn only_a_fresh_running_record_pauses_or_counts_as_live() {
-        let status = RebuildStatus { phase: Phase::Pausing, pause_until_ms: 2_000, updated_ms: 1_000, ..Default::default() };
+        let status =
+            RebuildStatus { phase: Phase::Pausing, pause_until_ms: 2_000, updated_ms: 1_000, ..Default::default() };
         assert!(status.pauses_live(1_999));
         assert!(!status.pauses_live(2_000));
         assert!(status.is_live(1_000 + millis(STALE_AFTER) - 1));

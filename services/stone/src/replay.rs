@@ -64,7 +64,11 @@ pub async fn run(args: ReplayArgs) -> anyhow::Result<()> {
     let id = accepted["id"].as_str().unwrap_or_default().to_owned();
     eprintln!("rebuild of {name} started (id {id})");
 
-    let bar = if args.plain { ProgressBar::with_draw_target(None, ProgressDrawTarget::hidden()) } else { ProgressBar::new(0) };
+    let bar = if args.plain {
+        ProgressBar::with_draw_target(None, ProgressDrawTarget::hidden())
+    } else {
+        ProgressBar::new(0)
+    };
     bar.set_style(
         ProgressStyle::with_template("{msg:>10} [{bar:40}] {pos}/{len} events  {per_sec}  ETA {eta}")
             .map_err(|error| anyhow::anyhow!("progress template: {error}"))?

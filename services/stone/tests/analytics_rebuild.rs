@@ -1,0 +1,134 @@
+//! Rebuilding the analytics projection with `stone replay analytics` (the CLI → gateway
+//! `POST /v1/projections/analytics/rebuild` → progress SSE) while the live projector runs and
+//! events keep arriving: afterwards every event is in the raw table once and every rollup agrees
+//! with it — damage done to the live tables is repaired, a rollup added later (the
+//! `consumer_usage_1h` backfill example) is filled from the stream, and the record of the
+//! rebuild is visible in `GET /v1/projections`.
+
+#![allow(clippy::panic, clippy::unwrap_used, clippy::expect_used)]
+
+mod analytics_support;
+
+use std::time::Duration;
+
+use analytics_support::{
+    TestResult, assert_exactly_once, clickhouse, jetstream, publish_requests, publisher, wait_for_count,
+};
+use stone_kit::{Shutdown, StoneConfig};
+use time::OffsetDateTime;
+
+fn config() -> StoneConfig {
+    let mut config = stone_kit::testing::isolated("rb");
+    config.partitions = 4;
+    config.analytics.batch_max_wait_ms = 50;
+    config.analytics.batch_max_rows = 2_000;
+    config.analytics.lease_ttl_ms = 3_000;
+    config
+}
+
+/// Groups of `consumer_usage_1h` that disagree with an aggregate over the raw rows.
+async fn usage_disagreements(config: &StoneConfig) -> TestResult<(u64, u64)> {
+    let client = clickhouse(config);
+    let total: u64 = client.query("SELECT sum(requests) FROM consumer_usage_1h").fetch_one().await?;
+    let disagreeing: u64 = client
+        .query(
+            "SELECT count() FROM ( \
+               SELECT bucket, consumer, route, sum(requests) AS requests, sum(server_errors) AS errors, \
+                      sum(bytes_out) AS bytes_out FROM consumer_usage_1h GROUP BY bucket, consumer, route \
+             ) AS rolled FULL OUTER JOIN ( \
+               SELECT toStartOfHour(time) AS bucket, consumer, route, count() AS requests, \
+                      countIf(status >= 500) AS errors, sum(bytes_out) AS bytes_out \
+               FROM requests GROUP BY bucket, consumer, route \
+             ) AS raw USING (bucket, consumer, route) \
+             WHERE rolled.requests != raw.requests OR rolled.errors != raw.errors OR rolled.bytes_out != raw.bytes_out",
+        )
+        .fetch_one()
+        .await?;
+    Ok((total, disagreeing))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stone_replay_rebuilds_analytics_exactly_while_the_live_projection_runs() -> TestResult {
+    let config = config();
+    let outcome = async {
+        stone_kit::testing::create_database(&config).await?;
+        let js = jetstream(&config).await?;
+        let mut publisher = publisher(&config, &js);
+        let now = OffsetDateTime::now_utc();
+        publish_requests(&mut publisher, 0, 3_000, now - time::Duration::days(1)).await?;
+        publish_requests(&mut publisher, 3_000, 3_000, now).await?;
+
+        let shutdown = Shutdown::new();
+        stone_analytics::build(&config, &shutdown).await?;
+        let gateway = stone_gateway::build(&config, &shutdown).await?;
+        assert_eq!(wait_for_count(&config, 6_000, Duration::from_secs(60)).await, 6_000);
+        assert_exactly_once(&config, 6_000).await?;
+
+        // Damage the live tables, and pretend the usage rollup was added after these events.
+        let client = clickhouse(&config);
+        client.query("TRUNCATE TABLE requests_1h").execute().await?;
+        client.query("TRUNCATE TABLE consumer_usage_1h").execute().await?;
+        client.query("DELETE FROM requests WHERE stream_seq % 10 = 0").execute().await?;
+        assert!(analytics_support::raw_count(&config).await < 6_000);
+
+        let pool = sqlx::PgPool::connect(&config.database_url).await?;
+        let token =
+            stone_gateway::auth::create_token(&pool, "operator", stone_gateway::auth::Scope::Admin).await?.token;
+        let gateway_url = format!("http://{}", gateway.local_addr());
+        let replay = {
+            let gateway_url = gateway_url.clone();
+            let token = token.clone();
+            tokio::task::spawn_blocking(move || {
+                std::process::Command::new(env!("CARGO_BIN_EXE_stone"))
+                    .args(["replay", "analytics", "--plain", "--gateway", &gateway_url, "--token", &token])
+                    .env("STONE_TELEMETRY__LOG", "warn")
+                    .output()
+            })
+        };
+        // Events keep arriving while the rebuild runs.
+        publish_requests(&mut publisher, 6_000, 3_000, now).await?;
+        let output = replay.await??;
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(output.status.success(), "stone replay failed: {stderr}");
+        assert!(stderr.contains("rebuild of analytics done"), "{stderr}");
+        assert!(stderr.contains("events/s"), "progress lines are printed: {stderr}");
+
+        // The live projection resumed after the swap and took the rest.
+        assert_eq!(wait_for_count(&config, 9_000, Duration::from_secs(60)).await, 9_000);
+        assert_exactly_once(&config, 9_000).await?;
+        assert_eq!(usage_disagreements(&config).await?, (9_000, 0), "the usage rollup was backfilled");
+        let shadows: u64 = client
+            .query(
+                "SELECT count() FROM system.tables WHERE database = currentDatabase() AND endsWith(name, '__rebuild')",
+            )
+            .fetch_one()
+            .await?;
+        assert_eq!(shadows, 0, "the old tables are dropped after the swap");
+
+        // The record: done, visible through the API.
+        let listed: serde_json::Value = {
+            let http = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .build_http::<http_body_util::Empty<bytes::Bytes>>();
+            let response = http.get(format!("{gateway_url}/v1/projections").parse()?).await?;
+            let body = http_body_util::BodyExt::collect(response.into_body()).await?.to_bytes();
+            serde_json::from_slice(&body)?
+        };
+        let analytics = &listed["projections"][0];
+        assert_eq!(analytics["name"], "analytics");
+        assert_eq!(analytics["rebuild"]["phase"], "done", "{analytics}");
+        assert_eq!(analytics["rebuild"]["actor"], "operator");
+        assert!(analytics["rebuild"]["done"].as_u64().unwrap() >= 6_000, "{analytics}");
+        assert!(
+            analytics["partitions"].as_array().unwrap().iter().all(|p| p["owned"] == true),
+            "every partition is owned again: {analytics}"
+        );
+
+        shutdown.trigger();
+        let _ = shutdown.drain(Duration::from_secs(10)).await;
+        pool.close().await;
+        Ok::<_, Box<dyn std::error::Error + Send + Sync>>(())
+    }
+    .await;
+    stone_kit::testing::cleanup(&config).await;
+    outcome
+}
