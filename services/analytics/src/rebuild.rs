@@ -10,8 +10,9 @@
 //! stream sequence up to the live checkpoint `committed_p`, because after the swap the live
 //! workers go on from `committed_p` into the swapped-in tables. So:
 //! 1. seed: raw rows below the replay start are copied from the live tables (the materialized
-//!    views recompute the rollups from them), and rollup rows of days older than any raw row are
-//!    copied as they are (they summarise events that are gone from raw and stream alike);
+//!    views recompute the rollups from them); at the end, once every shadow insert has landed,
+//!    rollup rows of days older than any raw row are copied as they are (they summarise events
+//!    that are gone from raw and stream alike);
 //! 2. build: the stream is read in order with an ordered consumer; an event is taken once the
 //!    live projection has committed it (`seq <= committed_p`, re-read as the live one advances),
 //!    otherwise the reader waits for it;
@@ -182,9 +183,6 @@ impl Rebuilder {
         reader.build(&mut committed).await?;
         reader.flush().await?;
 
-        // Rollup history older than every raw row.
-        self.carry_over_rollups(&tables).await?;
-
         // 3. Pause the live projection and take exactly what it committed.
         tracker.phase(Phase::Pausing).await?;
         let committed = self.pause_all(tracker).await?;
@@ -194,6 +192,8 @@ impl Rebuilder {
         drop(sender);
         inserts.await.map_err(|error| anyhow::anyhow!("insert task: {error}"))??;
         tracker.check()?;
+        // Rollup history older than every raw row: only now is the shadow's oldest raw row known.
+        self.carry_over_rollups(&tables).await?;
 
         // 4. Swap.
         tracker.phase(Phase::Swapping).await?;

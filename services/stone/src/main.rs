@@ -15,6 +15,8 @@ mod bench_cache;
 mod bench_pipeline;
 #[path = "bench/proxy.rs"]
 mod bench_proxy;
+#[path = "bench/replay.rs"]
+mod bench_replay;
 mod config_cmd;
 mod demo;
 mod dev;
@@ -70,6 +72,9 @@ enum BenchCommand {
     Pipeline(bench_pipeline::PipelineBenchArgs),
     /// Cache hits against nginx proxy_cache serving the same object, and Redis-tier hit latency.
     Cache(bench_cache::CacheBenchArgs),
+    /// Projection rebuild rates (analytics against the raw JetStream read, config from 100k
+    /// changes).
+    Replay(bench_replay::ReplayBenchArgs),
 }
 
 /// mimalloc instead of glibc's malloc: the proxy allocates and frees small buffers per request
@@ -91,6 +96,7 @@ fn run() -> anyhow::Result<()> {
         Command::Bench(BenchCommand::Proxy(args)) => return bench_proxy::run(&config, args),
         Command::Bench(BenchCommand::Pipeline(args)) => return runtime.block_on(bench_pipeline::run(&config, args)),
         Command::Bench(BenchCommand::Cache(args)) => return bench_cache::run(&config, &runtime, args),
+        Command::Bench(BenchCommand::Replay(args)) => return runtime.block_on(bench_replay::run(&config, args)),
         Command::Apply(args) => return runtime.block_on(apply::run(args)),
         Command::Replay(args) => return runtime.block_on(replay::run(args)),
         Command::Config(command) => return runtime.block_on(config_cmd::run_config(command)),
@@ -105,7 +111,9 @@ fn run() -> anyhow::Result<()> {
             Command::Dev(_) => "stone-dev",
             Command::Tail(_) => "stone-tail",
             Command::ConfigProjector => "stone-config-projector",
-            Command::Apply(_) | Command::Config(_) | Command::Token(_) | Command::Bench(_) | Command::Replay(_) => "stone-tool",
+            Command::Apply(_) | Command::Config(_) | Command::Token(_) | Command::Bench(_) | Command::Replay(_) => {
+                "stone-tool"
+            }
         };
         let _telemetry = stone_kit::telemetry::init(&config.telemetry, service_name)?;
         let shutdown = Shutdown::new();
@@ -115,7 +123,9 @@ fn run() -> anyhow::Result<()> {
             Command::Gateway => stone_gateway::build(&config, &shutdown).await.map(|_| ()),
             Command::Dev(args) => dev::start(config.clone(), args, &shutdown).await,
             Command::ConfigProjector => stone_config_projector::build(&config, &shutdown).await.map(|_| ()),
-            Command::Apply(_) | Command::Config(_) | Command::Token(_) | Command::Bench(_) | Command::Replay(_) => Ok(()),
+            Command::Apply(_) | Command::Config(_) | Command::Token(_) | Command::Bench(_) | Command::Replay(_) => {
+                Ok(())
+            }
             Command::Tail(args) => {
                 // A client command: it runs until Ctrl-C or until it fails.
                 let on_signal = shutdown.clone();
