@@ -23,7 +23,7 @@ use stone_kit::rebuild::{RebuildStatus, StartError};
 use utoipa::ToSchema;
 
 use crate::AppState;
-use crate::auth::{Admin, RequireScope};
+use crate::auth::{Admin, Read, RequireScope};
 use crate::error::{ErrorBody, respond};
 
 /// Largest accepted request body.
@@ -42,6 +42,12 @@ pub struct RebuildState {
     pub batch_rows: usize,
     /// Rebuilds run on tasks of the process, cancelled (and their pause lifted) at shutdown.
     pub shutdown: stone_kit::Shutdown,
+}
+
+impl axum::extract::FromRef<RebuildState> for AppState {
+    fn from_ref(state: &RebuildState) -> Self {
+        state.app.clone()
+    }
 }
 
 /// Query of the progress stream.
@@ -220,11 +226,18 @@ pub async fn start(State(state): State<RebuildState>, Path(name): Path<String>, 
     params(("name" = String, Path, description = "`analytics` or `config`")),
     responses(
         (status = 200, description = "the latest rebuild's record", body = RebuildStatus),
+        (status = 401, description = "no valid token", body = ErrorBody),
+        (status = 403, description = "scope too small (read needed)", body = ErrorBody),
         (status = 404, description = "no such projection, or never rebuilt", body = ErrorBody),
         (status = 503, description = "NATS unavailable", body = ErrorBody),
-    )
+    ),
+    security(("bearer" = ["read"]))
 )]
-pub async fn status(State(state): State<RebuildState>, Path(name): Path<String>) -> Response {
+pub async fn status(
+    _caller: RequireScope<Read>,
+    State(state): State<RebuildState>,
+    Path(name): Path<String>,
+) -> Response {
     let Some(projection) = Projection::parse(&name) else { return Projection::unknown(&name) };
     match stone_kit::rebuild::read(&state.analytics.rebuilds, projection.key()).await {
         Ok(Some(record)) => Json(record).into_response(),
@@ -246,10 +259,14 @@ pub async fn status(State(state): State<RebuildState>, Path(name): Path<String>)
     ),
     responses(
         (status = 200, description = "`text/event-stream` of `progress`, then `done` or `failed` (data: the record)", content_type = "text/event-stream", body = String),
+        (status = 401, description = "no valid token", body = ErrorBody),
+        (status = 403, description = "scope too small (read needed)", body = ErrorBody),
         (status = 404, description = "no such projection", body = ErrorBody),
-    )
+    ),
+    security(("bearer" = ["read"]))
 )]
 pub async fn progress(
+    _caller: RequireScope<Read>,
     State(state): State<RebuildState>,
     Path(name): Path<String>,
     axum::extract::Query(query): axum::extract::Query<ProgressQuery>,

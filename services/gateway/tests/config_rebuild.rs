@@ -61,6 +61,8 @@ async fn a_rebuild_repairs_the_projection_while_changes_keep_coming() -> TestRes
     assert_eq!(anonymous.status, StatusCode::UNAUTHORIZED);
     let bad = app.admin(Method::POST, "/v1/projections/config/rebuild", Some(json!({"from_seq": 5}))).await?;
     assert_eq!((bad.status, bad.body["error"]["field"].as_str()), (StatusCode::BAD_REQUEST, Some("from_seq")));
+    let unread = app.call(Method::GET, "/v1/projections/config/rebuild", None, None, &[]).await?;
+    assert_eq!(unread.status, StatusCode::UNAUTHORIZED, "the record needs a read token");
     let unknown = app.admin(Method::POST, "/v1/projections/nope/rebuild", None).await?;
     assert_eq!(unknown.status, StatusCode::NOT_FOUND);
 

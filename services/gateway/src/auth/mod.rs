@@ -140,10 +140,17 @@ impl IntoResponse for AuthError {
     }
 }
 
-impl<S: RequiredScope + Send + Sync> FromRequestParts<AppState> for RequireScope<S> {
+/// Works in any router whose state can hand out the [`AppState`] (its token store).
+impl<S, St> FromRequestParts<St> for RequireScope<S>
+where
+    S: RequiredScope + Send + Sync,
+    St: Send + Sync,
+    AppState: axum::extract::FromRef<St>,
+{
     type Rejection = AuthError;
 
-    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+    async fn from_request_parts(parts: &mut Parts, state: &St) -> Result<Self, Self::Rejection> {
+        let state = <AppState as axum::extract::FromRef<St>>::from_ref(state);
         let token = bearer_token(parts).ok_or(AuthError::Missing)?;
         let pool = state.token_store().ok_or(AuthError::Unavailable(None))?;
         let caller = authenticate(pool, token).await?;
