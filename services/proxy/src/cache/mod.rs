@@ -145,6 +145,8 @@ struct Inner {
     events: Option<CacheEvents>,
     /// Publishes invalidations after unsafe methods to the other workers.
     invalidations: Option<(async_nats::Client, String)>,
+    /// `stone_cache_lookups_total` handles by route: hit, miss, stale, revalidated, bypass.
+    lookups: std::sync::RwLock<std::collections::HashMap<String, [metrics::Counter; 5]>>,
 }
 
 impl Cache {
@@ -185,6 +187,7 @@ impl Cache {
                 coalesce_wait: settings.coalesce_wait,
                 events,
                 invalidations: None,
+                lookups: std::sync::RwLock::default(),
             }),
         }
     }
@@ -228,7 +231,7 @@ impl Cache {
                 policy::RequestBypass::Rule => "rule",
             };
             let mut response = fetch(parts).await?;
-            set_cache_status(response.headers_mut(), &format!("{CACHE_NAME}; fwd=bypass; detail={detail}"));
+            set_cache_status(response.headers_mut(), format!("{CACHE_NAME}; fwd=bypass; detail={detail}"));
             self.count(&request.route, CacheStatus::Bypass);
             return Ok(Served { response, status: CacheStatus::Bypass });
         }
@@ -252,7 +255,7 @@ impl Cache {
                         let detail = if *tier == CacheTier::Redis { "; detail=redis" } else { "" };
                         let value = format!("{CACHE_NAME}; hit; ttl={ttl}{detail}");
                         self.count(&request.route, CacheStatus::Hit);
-                        return Ok(self.respond(&parts, object, CacheStatus::Hit, &value, now));
+                        return Ok(self.respond(&parts, object, CacheStatus::Hit, value, now));
                     }
                     Reuse::StaleAllowed => {
                         return Ok(self.serve_stale(&request, &parts, &primary, object, "max-stale", now));
@@ -277,7 +280,7 @@ impl Cache {
                 self.count(&request.route, CacheStatus::Miss);
                 let mut response = Response::new(empty_body());
                 *response.status_mut() = StatusCode::GATEWAY_TIMEOUT;
-                set_cache_status(response.headers_mut(), &format!("{CACHE_NAME}; fwd=miss; detail=only-if-cached"));
+                set_cache_status(response.headers_mut(), format!("{CACHE_NAME}; fwd=miss; detail=only-if-cached"));
                 return Ok(Served { response, status: CacheStatus::Miss });
             }
             let stale = found.map(|(object, _)| object);
@@ -502,8 +505,7 @@ impl Cache {
         }
         let was_stale = stale.is_some();
         let forward = if was_stale { "fwd=stale" } else { "fwd=miss" };
-        metrics::counter!("stone_cache_lookups_total", "route" => request.route.clone(), "result" => "miss")
-            .increment(1);
+        self.count(&request.route, CacheStatus::Miss);
         let decision = policy::storable(
             &request.policy,
             &Method::GET,
@@ -530,7 +532,7 @@ impl Cache {
             Err(reason) => {
                 set_cache_status(
                     response.headers_mut(),
-                    &format!("{CACHE_NAME}; {forward}; detail={}", reason.detail()),
+                    format!("{CACHE_NAME}; {forward}; detail={}", reason.detail()),
                 );
                 if was_stale {
                     // The upstream's answer replaces an entry it may no longer be allowed to keep.
@@ -557,7 +559,7 @@ impl Cache {
             // storable() already refused Vary: *.
             Err(policy::VaryAny) => return Ok(Served { response, status: CacheStatus::Miss }),
         };
-        set_cache_status(response.headers_mut(), &format!("{CACHE_NAME}; {forward}; stored"));
+        set_cache_status(response.headers_mut(), format!("{CACHE_NAME}; {forward}; stored"));
         let (head, body) = response.into_parts();
         let pending = tee::PendingStore {
             cache: self.clone(),
@@ -657,7 +659,7 @@ impl Cache {
         );
         self.count(&request.route, CacheStatus::Revalidated);
         let value = format!("{CACHE_NAME}; fwd=stale; fwd-status=304");
-        self.respond(parts, &merged, CacheStatus::Revalidated, &value, response_time)
+        self.respond(parts, &merged, CacheStatus::Revalidated, value, response_time)
     }
 
     fn serve_stale(
@@ -672,7 +674,7 @@ impl Cache {
         self.emit(CacheAction::StaleServed, &request.route, primary, None, object.body.len() as u64, None, Vec::new());
         self.count(&request.route, CacheStatus::Stale);
         let value = format!("{CACHE_NAME}; hit; ttl={}; detail={why}", object.freshness.ttl(now));
-        self.respond(parts, object, CacheStatus::Stale, &value, now)
+        self.respond(parts, object, CacheStatus::Stale, value, now)
     }
 
     async fn refresh_in_background(
@@ -705,7 +707,7 @@ impl Cache {
         parts: &request::Parts,
         object: &StoredObject,
         status: CacheStatus,
-        cache_status: &str,
+        cache_status: String,
         now: u64,
     ) -> Served {
         let age = object.freshness.age(now);
@@ -738,9 +740,39 @@ impl Cache {
         Served { response, status }
     }
 
+    /// Counts a lookup in `stone_cache_lookups_total{route,result}`. The counter handles of a
+    /// route are registered once and kept, so a hit pays an uncontended read lock and an atomic
+    /// add rather than a label allocation and a registry lookup.
     fn count(&self, route: &str, status: CacheStatus) {
-        metrics::counter!("stone_cache_lookups_total", "route" => route.to_owned(), "result" => status.as_str())
-            .increment(1);
+        let index = match status {
+            CacheStatus::Hit => 0,
+            CacheStatus::Miss => 1,
+            CacheStatus::Stale => 2,
+            CacheStatus::Revalidated => 3,
+            CacheStatus::Bypass => 4,
+            CacheStatus::None => return,
+        };
+        if let Ok(counters) = self.inner.lookups.read()
+            && let Some(route_counters) = counters.get(route)
+        {
+            route_counters[index].increment(1);
+            return;
+        }
+        let route_counters: [metrics::Counter; 5] = [
+            CacheStatus::Hit,
+            CacheStatus::Miss,
+            CacheStatus::Stale,
+            CacheStatus::Revalidated,
+            CacheStatus::Bypass,
+        ]
+        .map(|status| {
+            metrics::counter!("stone_cache_lookups_total", "route" => route.to_owned(), "result" => status.as_str())
+        });
+        route_counters[index].increment(1);
+        if let Ok(mut counters) = self.inner.lookups.write() {
+            // Bounded by the routes that cache; a renamed route leaves a few handles behind.
+            counters.entry(route.to_owned()).or_insert(route_counters);
+        }
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -819,8 +851,9 @@ fn url_key(host: &str, path: &str, query: Option<&str>) -> String {
     key::primary_key(&CachePolicy::with_defaults(), host, path, query, &HeaderMap::new(), None)
 }
 
-fn set_cache_status(headers: &mut HeaderMap, value: &str) {
-    if let Ok(value) = HeaderValue::from_str(value) {
+fn set_cache_status(headers: &mut HeaderMap, value: String) {
+    // The formatted string becomes the value without another copy.
+    if let Ok(value) = HeaderValue::from_maybe_shared(Bytes::from(value)) {
         headers.insert(&CACHE_STATUS, value);
     }
 }

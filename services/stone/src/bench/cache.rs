@@ -5,9 +5,12 @@
 //! The upstream is an nginx serving a 1 KiB file with `Cache-Control: public, max-age=3600`.
 //! Both proxies are warmed so that every measured request is a hit: nginx with `proxy_cache`
 //! (memory keys zone, file store in the page cache), `stone proxy` with a route whose cache
-//! policy is on (in-process tier), each measured with `wrk --latency` over keep-alive. Redis-tier
-//! hits are measured in this process through `Cache::serve` with a memory tier of 0 bytes, so
-//! every lookup goes to Redis: that isolates the tier's latency from HTTP.
+//! policy is on (in-process tier), each measured with `wrk --latency` over keep-alive. Each side
+//! runs twice, so that like is compared with like: nginx with its access log off and on (one
+//! line per request to a file), stone with its events off and on (a `request.completed` per
+//! request to the local NATS). Redis-tier hits are measured in this process through
+//! `Cache::serve` with no memory tier, so every lookup goes to Redis (only answers marked
+//! `detail=redis` count as hits): that isolates the tier's latency from HTTP.
 
 use std::fmt::Write as _;
 use std::io::Write as _;
@@ -99,16 +102,16 @@ fn start_stone_proxy(
     config: &StoneConfig,
     dir: &Path,
     upstream: SocketAddr,
+    events: bool,
 ) -> anyhow::Result<(Guard, SocketAddr, String)> {
     let listen = SocketAddr::from(([127, 0, 0, 1], free_port()?));
     let admin = SocketAddr::from(([127, 0, 0, 1], free_port()?));
     let namespace = format!("bench{}", uuid_suffix());
     let config_path = dir.join("cache.toml");
-    // Events stay on (a request.completed per hit, to the local NATS): that is how the proxy runs.
     let toml = format!(
         "namespace = \"{namespace}\"\nnats_url = \"{nats}\"\nredis_url = \"{redis}\"\npartitions = {partitions}\n\n\
          [telemetry]\nlog = \"warn\"\n\n\
-         [proxy]\nlisten = \"{listen}\"\nadmin_listen = \"{admin}\"\nspool_dir = \"{spool}\"\n\n\
+         [proxy]\nlisten = \"{listen}\"\nadmin_listen = \"{admin}\"\nemit_events = {events}\nspool_dir = \"{spool}\"\n\n\
          [[proxy.upstreams]]\nname = \"bench\"\ntargets = [{{ url = \"http://{upstream}\" }}]\n\n\
          [[proxy.routes]]\nname = \"bench\"\npaths = [\"/*\"]\nupstream = \"bench\"\ncache = {{ enabled = true }}\n",
         nats = config.nats_url,
@@ -131,8 +134,9 @@ fn start_stone_proxy(
     Ok((guard, listen, namespace))
 }
 
-/// Redis-tier hits through `Cache::serve`: a memory tier of 0 bytes admits nothing, so each
-/// lookup reads and decodes the object from Redis.
+/// Redis-tier hits through `Cache::serve`: with a memory tier of 0 bytes there is none, so each
+/// lookup reads and decodes the object from Redis; answers not marked `detail=redis` count as
+/// misses.
 async fn redis_tier(config: &StoneConfig, args: &CacheBenchArgs) -> anyhow::Result<Measurement> {
     use stone_proxy::cache::{Cache, CachePolicy, CacheRequest, CacheSettings, Fetcher};
     let settings = CacheSettings {
@@ -189,8 +193,14 @@ async fn redis_tier(config: &StoneConfig, args: &CacheBenchArgs) -> anyhow::Resu
                 let started = Instant::now();
                 match cache.serve(request, parts, Arc::clone(&fetcher)).await {
                     Ok(served) => {
+                        let from_redis = served
+                            .response
+                            .headers()
+                            .get("cache-status")
+                            .and_then(|value| value.to_str().ok())
+                            .is_some_and(|value| value.contains("detail=redis"));
                         let _ = served.response.into_body().collect().await;
-                        if served.status != stone_events::request::CacheStatus::Hit {
+                        if served.status != stone_events::request::CacheStatus::Hit || !from_redis {
                             misses += 1;
                         }
                     }
@@ -239,9 +249,10 @@ fn lookup_parts() -> hyper::http::request::Parts {
 pub fn run(config: &StoneConfig, runtime: &tokio::runtime::Runtime, args: CacheBenchArgs) -> anyhow::Result<()> {
     require("wrk")?;
     require("nginx")?;
+    let load = load_average();
     let mut results = with_scratch_site("stone-bench-cache", |dir| run_in(config, &args, dir))?;
     results.push(runtime.block_on(redis_tier(config, &args))?);
-    emit_report(&report(&args, &results), args.record.as_deref())
+    emit_report(&report(&args, &results, &load), args.record.as_deref())
 }
 
 fn run_in(config: &StoneConfig, args: &CacheBenchArgs, dir: &Path) -> anyhow::Result<Vec<Measurement>> {
@@ -265,22 +276,49 @@ fn run_in(config: &StoneConfig, args: &CacheBenchArgs, dir: &Path) -> anyhow::Re
          add_header X-Cache-Status $upstream_cache_status;\n    }}\n  }}",
         cache = dir.join("nginx-cache").display()
     );
-    let nginx = start_nginx(dir, "cache", args.nginx_workers, &block)?;
-    wait_until("nginx cache", || http_ok(listen, "/1k"))?;
-    wait_until("nginx cache hit", || header_of(listen, "x-cache-status").as_deref() == Some("HIT"))?;
-    results.push(measure(args, "nginx proxy_cache hits", listen)?);
-    drop(nginx);
+    for (name, log) in
+        [("nginx proxy_cache hits, access log off", false), ("nginx proxy_cache hits, access log on", true)]
+    {
+        let log_line = if log {
+            format!("access_log {};", dir.join("access.log").display())
+        } else {
+            "access_log off;".to_owned()
+        };
+        let nginx = start_nginx(
+            dir,
+            if log { "cache-log" } else { "cache" },
+            args.nginx_workers,
+            &block.replace("access_log off;", &log_line),
+        )?;
+        wait_until("nginx cache", || http_ok(listen, "/1k"))?;
+        wait_until("nginx cache hit", || header_of(listen, "x-cache-status").as_deref() == Some("HIT"))?;
+        results.push(measure(args, name, listen)?);
+        drop(nginx);
+    }
 
-    let (guard, listen, namespace) = start_stone_proxy(config, dir, upstream)?;
-    wait_until("stone cache hit", || header_of(listen, "cache-status").is_some_and(|status| status.contains("; hit")))?;
-    let measured = measure(args, "stone proxy, in-process hits (events on)", listen);
-    drop(guard);
-    delete_namespace(config, &namespace);
-    results.push(measured?);
+    for (name, events) in
+        [("stone proxy, in-process hits, events off", false), ("stone proxy, in-process hits, events on", true)]
+    {
+        let (guard, listen, namespace) = start_stone_proxy(config, dir, upstream, events)?;
+        let hit = wait_until("stone cache hit", || {
+            header_of(listen, "cache-status").is_some_and(|status| status.contains("; hit"))
+        });
+        let measured = hit.and_then(|()| measure(args, name, listen));
+        drop(guard);
+        delete_namespace(config, &namespace);
+        results.push(measured?);
+    }
     Ok(results)
 }
 
-fn report(args: &CacheBenchArgs, results: &[Measurement]) -> String {
+/// `/proc/loadavg`'s 1, 5 and 15 minute averages: how busy the machine was besides the run.
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|text| text.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "unknown".to_owned())
+}
+
+fn report(args: &CacheBenchArgs, results: &[Measurement], load: &str) -> String {
     let find = |name: &str| results.iter().find(|measurement| measurement.name.starts_with(name));
     let mut text = String::new();
     let _ = writeln!(
@@ -292,8 +330,8 @@ fn report(args: &CacheBenchArgs, results: &[Measurement]) -> String {
         text,
         "`stone bench cache --duration {} --connections {}` (release build): `wrk -t{} -c{} --latency` over \
          keep-alive, every request a hit on one 1 KiB object (`Cache-Control: public, max-age=3600`); nginx \
-         proxy_cache with {} workers and no access log; stone with its events on. Redis-tier hits: {} concurrent \
-         `Cache::serve` calls in process with a 0-byte memory tier. {} CPUs.\n",
+         proxy_cache with {} workers, access log off and on; stone with its events off and on. Redis-tier hits: {} \
+         concurrent `Cache::serve` calls in process with no memory tier. {} CPUs; load average before the run: {}.\n",
         args.duration,
         args.connections,
         args.threads,
@@ -301,6 +339,7 @@ fn report(args: &CacheBenchArgs, results: &[Measurement]) -> String {
         args.nginx_workers,
         args.redis_concurrency,
         std::thread::available_parallelism().map(usize::from).unwrap_or(0),
+        load,
     );
     let _ = writeln!(text, "| run | requests/s | p50 | p99 | errors or misses |");
     let _ = writeln!(text, "|---|---:|---:|---:|---:|");
@@ -312,16 +351,28 @@ fn report(args: &CacheBenchArgs, results: &[Measurement]) -> String {
             measurement.name, measurement.requests_per_second, measurement.p99_ms, measurement.errors
         );
     }
-    let (stone, nginx) = (find("stone proxy"), find("nginx"));
-    if let (Some(stone), Some(nginx)) = (stone, nginx) {
-        let _ = writeln!(text, "\n| ratio | requests/s | p99 (lower is better) | target |");
-        let _ = writeln!(text, "|---|---:|---:|---|");
-        let _ = writeln!(
-            text,
-            "| stone in-process hits / nginx proxy_cache | {:.2}x | {:.2}x | ≥ 1.3x rps |",
-            stone.requests_per_second / nginx.requests_per_second,
-            stone.p99_ms / nginx.p99_ms
-        );
+    let _ = writeln!(text, "\n| ratio | requests/s | p99 (lower is better) | target |");
+    let _ = writeln!(text, "|---|---:|---:|---|");
+    for (label, stone, nginx) in [
+        (
+            "stone events off / nginx log off",
+            "stone proxy, in-process hits, events off",
+            "nginx proxy_cache hits, access log off",
+        ),
+        (
+            "stone events on / nginx log on",
+            "stone proxy, in-process hits, events on",
+            "nginx proxy_cache hits, access log on",
+        ),
+    ] {
+        if let (Some(stone), Some(nginx)) = (find(stone), find(nginx)) {
+            let _ = writeln!(
+                text,
+                "| {label} | {:.2}x | {:.2}x | ≥ 1.3x rps |",
+                stone.requests_per_second / nginx.requests_per_second,
+                stone.p99_ms / nginx.p99_ms
+            );
+        }
     }
     if let Some(redis) = find("stone, Redis") {
         let verdict = if redis.p99_ms < 1.0 { "met" } else { "not met" };
