@@ -132,7 +132,19 @@ async fn a_rebuild_repairs_the_projection_while_changes_keep_coming() -> TestRes
 async fn only_one_rebuild_of_a_projection_runs_at_a_time() -> TestResult {
     let app = ConfigApp::spawn().await?;
     let store = stone_kit::rebuild::open(&app.js, &app.config.namespace(), 1).await?;
-    let held = stone_kit::rebuild::Tracker::start(store, "config", "someone", 1).await?;
+    let held = stone_kit::rebuild::Tracker::start(store.clone(), "config", "someone", 1).await?;
+    // Writes racing each other (the progress writer and phase changes) never fail each other.
+    let writes = (0..20u64).map(|step| {
+        let held = held.clone();
+        async move {
+            held.progress(step, 20, 20, 0);
+            held.phase(stone_kit::rebuild::Phase::Building).await
+        }
+    });
+    for written in futures::future::join_all(writes).await {
+        written?;
+    }
+    held.check()?;
     let refused = app.admin(Method::POST, "/v1/projections/config/rebuild", None).await?;
     assert_eq!((refused.status, refused.body["error"]["code"].as_str()), (StatusCode::CONFLICT, Some("conflict")));
     held.finish(&Ok(())).await?;

@@ -189,6 +189,9 @@ pub struct Writer {
     store: kv::Store,
     key: String,
     inner: Arc<Mutex<Inner>>,
+    /// One write at a time: each write is a compare-and-set on the revision the previous one
+    /// returned, so two concurrent writes would fail each other.
+    writing: Arc<tokio::sync::Mutex<()>>,
     stop: CancellationToken,
 }
 
@@ -234,6 +237,7 @@ impl Tracker {
             store,
             key: projection.to_owned(),
             inner: Arc::new(Mutex::new(Inner { status, revision, dirty: false, lost: false, started: Instant::now() })),
+            writing: Arc::new(tokio::sync::Mutex::new(())),
             stop: stop.clone(),
         };
         tokio::spawn(writer.clone().flush_loop());
@@ -330,6 +334,7 @@ impl Writer {
 
     /// Writes the record (renewing the pause while pausing or swapping).
     async fn flush(&self) -> anyhow::Result<()> {
+        let _writing = self.writing.lock().await;
         let (value, revision) = {
             let mut inner = self.lock();
             if inner.lost {
