@@ -1,13 +1,15 @@
 //! The analytics projector: request, cache and health events from JetStream into ClickHouse,
-//! each exactly once, acknowledged only after ClickHouse committed them.
+//! each exactly once; a partition's checkpoint moves only after ClickHouse committed its events.
 //!
 //! The EVENTS subjects carry a partition token. Projector instances share the partitions through
-//! leases in a key-value bucket ([`coordinator`]); the owner of a partition reads it through a
-//! durable pull consumer and writes batches whose intent and checkpoint live in that bucket
-//! ([`state`], [`partition`]), with deterministic insert deduplication tokens ([`sink`]) so a
-//! retried batch never counts twice, in raw rows or in the rollups fed by materialized views.
+//! leases in a key-value bucket ([`coordinator`]). Each instance reads the stream once, in order
+//! ([`feed`]), and hands every event to the worker of its partition, which writes batches whose
+//! intent and checkpoint live in that bucket ([`state`], [`partition`]), with deterministic insert
+//! deduplication tokens ([`sink`]) so a retried batch never counts twice, in raw rows or in the
+//! rollups fed by materialized views.
 
 pub mod coordinator;
+pub mod feed;
 pub mod partition;
 pub mod rebuild;
 pub mod rows;
@@ -66,6 +68,14 @@ pub async fn build(config: &StoneConfig, shutdown: &Shutdown) -> anyhow::Result<
     let stream_name = namespace.stream_name(EVENTS);
     let stream = js.get_stream(&stream_name).await?;
     let instance = instance_id(config);
+    let (feed, reader) = feed::Feed::new(
+        stream.clone(),
+        namespace.events_wildcard(),
+        config.partitions,
+        config.analytics.batch_max_rows,
+        shutdown.token(),
+    );
+    shutdown.spawn(reader);
 
     let context = Arc::new(ProjectorContext {
         dead_letter_subject: namespace
@@ -74,11 +84,15 @@ pub async fn build(config: &StoneConfig, shutdown: &Shutdown) -> anyhow::Result<
         stream,
         store,
         rebuilds,
-        sink: Sink { clickhouse, token_prefix: format!("{}-{}", config.namespace, config.analytics.consumer),
+        sink: Sink {
+            clickhouse,
+            token_prefix: format!("{}-{}", config.namespace, config.analytics.consumer),
             table_suffix: "",
         },
         namespace,
         stream_name,
+        feed,
+        partitions: config.partitions,
         consumer_prefix: config.analytics.consumer.clone(),
         instance_id: instance.clone(),
         batch_max_rows: config.analytics.batch_max_rows,

@@ -1,6 +1,6 @@
-//! One partition's projection while this instance holds its lease: read the partition's events
-//! in stream order, decode them (upcasting old versions), insert them into ClickHouse, and only
-//! then advance the checkpoint and acknowledge.
+//! One partition's projection while this instance holds its lease: take the partition's events
+//! from the instance's stream reader ([`crate::feed`]) in stream order, decode them (upcasting old
+//! versions), insert them into ClickHouse, and only then advance the checkpoint.
 //!
 //! Per batch, in this order:
 //! 1. the batch's range is written to the partition state as `pending` (a compare-and-set that
@@ -8,27 +8,27 @@
 //! 2. undecodable events go to DEADLETTER (idempotent: the message id is the stream sequence);
 //! 3. rows are inserted per table and day with deterministic deduplication tokens, retried with
 //!    backoff for as long as ClickHouse fails;
-//! 4. the checkpoint moves to the batch's last sequence and `pending` is cleared (compare-and-set);
-//! 5. the last message is acknowledged, which acknowledges the whole batch (`AckPolicy::All`).
+//! 4. the checkpoint moves to the batch's last sequence and `pending` is cleared (compare-and-set).
 //!
-//! A crash anywhere leaves either nothing or a `pending` range; the next owner re-reads exactly
-//! that range from the stream and inserts it with the same tokens, so every event lands once in
-//! the raw tables and once in every rollup. Each ownership epoch reads through its own durable
-//! consumer, so a paused former owner cannot pull (and strand) messages the new owner needs.
+//! Nothing is acknowledged: the stream is read by an ordered consumer without acknowledgements,
+//! and the checkpoint is the only record of progress. A crash anywhere leaves either nothing or a
+//! `pending` range; the next owner subscribes from the checkpoint, re-reads exactly that range and
+//! inserts it with the same tokens, so every event lands once in the raw tables and once in every
+//! rollup. A paused former owner cannot take anything from the new owner: each instance reads
+//! the stream on its own, and the former owner's next write fails its compare-and-set.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, PullConsumer, pull};
 use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::{self, kv};
-use futures::StreamExt;
 use stone_events::streams::headers;
 use stone_events::{Event, Namespace, decode};
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 
+use crate::feed::{Delivered, Feed, Subscription};
 use crate::rows::{CacheRow, HealthRow, RequestRow, Rows};
 use crate::sink::Sink;
 use crate::state::{self, PendingBatch, StateError, Versioned};
@@ -43,7 +43,11 @@ pub struct ProjectorContext {
     pub sink: Sink,
     pub namespace: Namespace,
     pub stream_name: String,
-    /// Durable consumer name prefix (`analytics`).
+    /// The instance's one reader of the stream, shared by its partition workers.
+    pub feed: Feed,
+    /// Partitions of the stream (all instances together).
+    pub partitions: u16,
+    /// Name of the projection in deduplication tokens and dead-letter ids (`analytics`).
     pub consumer_prefix: String,
     pub dead_letter_subject: String,
     pub instance_id: String,
@@ -53,11 +57,6 @@ pub struct ProjectorContext {
 }
 
 impl ProjectorContext {
-    /// The consumer of one ownership epoch of a partition.
-    pub fn consumer_name(&self, partition: u16, epoch: u64) -> String {
-        format!("{}-p{partition}-e{epoch}", self.consumer_prefix)
-    }
-
     fn lease_expiry(&self) -> i64 {
         state::now_ms().saturating_add(i64::try_from(self.lease_ttl.as_millis()).unwrap_or(i64::MAX))
     }
@@ -79,10 +78,6 @@ enum StepError {
     ClickHouse(#[from] clickhouse::error::Error),
     #[error("nats: {0}")]
     Nats(String),
-    /// A delivery was skipped (consumer sequence jumped): the buffer cannot be trusted to be
-    /// the partition's events in order, so the consumer is recreated from the checkpoint.
-    #[error("delivery gap: consumer sequence {expected} expected, {got} received")]
-    Gap { expected: u64, got: u64 },
     #[error(transparent)]
     State(#[from] StateError),
 }
@@ -92,7 +87,6 @@ impl StepError {
         match self {
             Self::ClickHouse(_) => "clickhouse",
             Self::Nats(_) => "nats",
-            Self::Gap { .. } => "gap",
             Self::State(StateError::Conflict) => "lease_lost",
             Self::State(_) => "state",
         }
@@ -109,92 +103,103 @@ const PAUSE_POLL: Duration = Duration::from_millis(200);
 /// The key of this projection's rebuild record.
 pub const REBUILD_KEY: &str = "analytics";
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// How long one round of a replay waits for the pending range to be read back.
+const REPLAY_WAIT: Duration = Duration::from_secs(1);
+/// Rounds after which a pending range that does not come back is an error (the worker starts
+/// over from its checkpoint, which makes the reader rewind).
+const REPLAY_ROUNDS: u32 = 30;
 
-/// A delivered message with the numbers we need from its reply subject.
-struct Delivered {
-    message: jetstream::Message,
-    stream_sequence: u64,
-    pending: u64,
-    published: OffsetDateTime,
-}
-
-/// Reads one partition in stream order through one durable consumer, keeping messages delivered
-/// beyond the current batch for the next one (dropping them would leave them unacknowledged
-/// below a later acknowledgement, which `AckPolicy::All` would then acknowledge unread).
+/// The partition's events from the feed, with what was taken from the channel but not yet put
+/// into a batch (at most one batch plus one event).
 struct Reader {
-    consumer: PullConsumer,
+    subscription: Subscription,
     buffer: VecDeque<Delivered>,
-    last_consumer_sequence: Option<u64>,
 }
 
 impl Reader {
-    async fn open(context: &ProjectorContext, name: &str, partition: u16, after: u64) -> Result<Self, StepError> {
-        // A consumer of this name can only be left over from an earlier attempt of this very
-        // epoch; starting over at the checkpoint is always right.
-        let _ = context.stream.delete_consumer(name).await;
-        let consumer = context
-            .stream
-            .create_consumer(pull::Config {
-                durable_name: Some(name.to_owned()),
-                description: Some(format!("analytics projector, partition {partition}")),
-                filter_subject: context.namespace.partition_filter(partition),
-                deliver_policy: DeliverPolicy::ByStartSequence { start_sequence: after + 1 },
-                ack_policy: AckPolicy::All,
-                ack_wait: Duration::from_secs(300),
-                max_ack_pending: i64::try_from(context.batch_max_rows.saturating_mul(4)).unwrap_or(i64::MAX),
-                // Consumers of past epochs disappear on their own once nobody pulls.
-                inactive_threshold: Duration::from_secs(600),
-                ..Default::default()
-            })
-            .await
-            .map_err(|error| StepError::Nats(format!("cannot create consumer {name}: {error}")))?;
-        Ok(Self { consumer, buffer: VecDeque::new(), last_consumer_sequence: None })
+    async fn open(context: &ProjectorContext, partition: u16, after: u64) -> Result<Self, StepError> {
+        let subscription = context.feed.subscribe(partition, after).await.map_err(nats_error)?;
+        Ok(Self { subscription, buffer: VecDeque::new() })
     }
 
-    /// Up to `max` messages, waiting at most `wait` for more when the buffer has too few;
-    /// with `through`, only messages up to that stream sequence.
+    /// Events received but not yet projected: the buffer and the channel.
+    fn backlog(&self) -> u64 {
+        (self.buffer.len() + self.subscription.receiver.len()) as u64
+    }
+
+    /// Moves what the channel holds into the buffer, without waiting, up to `max` buffered.
+    fn drain(&mut self, max: usize) -> Result<(), StepError> {
+        while self.buffer.len() < max {
+            match self.subscription.receiver.try_recv() {
+                Ok(delivered) => self.buffer.push_back(delivered),
+                Err(tokio::sync::mpsc::error::TryRecvError::Empty) => break,
+                Err(tokio::sync::mpsc::error::TryRecvError::Disconnected) => {
+                    return Err(StepError::Nats("the stream reader stopped".to_owned()));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits until something arrives (into the buffer), `deadline` passes or `token` is cancelled.
+    async fn receive_until(&mut self, deadline: Instant, token: &CancellationToken) -> Result<(), StepError> {
+        let received = tokio::select! {
+            received = self.subscription.receiver.recv() => received,
+            () = tokio::time::sleep_until(deadline.into()) => return Ok(()),
+            () = token.cancelled() => return Ok(()),
+        };
+        match received {
+            Some(delivered) => {
+                self.buffer.push_back(delivered);
+                Ok(())
+            }
+            None => Err(StepError::Nats("the stream reader stopped".to_owned())),
+        }
+    }
+
+    /// Up to `max` events, waiting at most `wait` for more when fewer are there.
     async fn next_batch(
         &mut self,
         max: usize,
         wait: Duration,
-        through: Option<u64>,
         token: &CancellationToken,
     ) -> Result<Vec<Delivered>, StepError> {
-        let within = |delivered: &Delivered| through.is_none_or(|last| delivered.stream_sequence <= last);
-        let buffered_enough = self.buffer.len() >= max || self.buffer.back().is_some_and(|last| !within(last));
-        if !buffered_enough {
-            self.fetch(max.saturating_sub(self.buffer.len()).max(1), wait, token).await?;
-        }
-        let mut batch = Vec::new();
-        while batch.len() < max && self.buffer.front().is_some_and(within) {
-            if let Some(delivered) = self.buffer.pop_front() {
-                batch.push(delivered);
+        let deadline = Instant::now() + wait;
+        loop {
+            self.drain(max)?;
+            if self.buffer.len() >= max || Instant::now() >= deadline || token.is_cancelled() {
+                break;
             }
+            self.receive_until(deadline, token).await?;
         }
-        Ok(batch)
+        let take = self.buffer.len().min(max);
+        Ok(self.buffer.drain(..take).collect())
     }
 
-    async fn fetch(&mut self, max: usize, wait: Duration, token: &CancellationToken) -> Result<(), StepError> {
-        let mut messages =
-            self.consumer.batch().max_messages(max).expires(wait).messages().await.map_err(nats_error)?;
+    /// Buffers every event up to stream sequence `last`; `true` once they all are (the feed has
+    /// read past `last`), `false` if `wait` passed first.
+    async fn fill_through(&mut self, last: u64, wait: Duration, token: &CancellationToken) -> Result<bool, StepError> {
+        let deadline = Instant::now() + wait;
         loop {
-            let next = tokio::select! {
-                next = messages.next() => next,
-                () = token.cancelled() => return Ok(()),
-            };
-            let Some(message) = next else { return Ok(()) };
-            let message = message.map_err(nats_error)?;
-            let info = message.info().map_err(nats_error)?;
-            let (stream_sequence, consumer_sequence, pending, published) =
-                (info.stream_sequence, info.consumer_sequence, info.pending, info.published);
-            if let Some(previous) = self.last_consumer_sequence
-                && consumer_sequence != previous + 1
-            {
-                return Err(StepError::Gap { expected: previous + 1, got: consumer_sequence });
+            // Read `scanned` before draining: everything it covers is in the channel by then.
+            let scanned = self.subscription.scanned();
+            self.drain(usize::MAX)?;
+            if scanned >= last || self.buffer.back().is_some_and(|delivered| delivered.stream_sequence >= last) {
+                return Ok(true);
             }
-            self.last_consumer_sequence = Some(consumer_sequence);
-            self.buffer.push_back(Delivered { message, stream_sequence, pending, published });
+            if Instant::now() >= deadline || token.is_cancelled() {
+                return Ok(false);
+            }
+            // `scanned` moves without a message for us when other partitions' messages are read.
+            let poll = (Instant::now() + Duration::from_millis(20)).min(deadline);
+            self.receive_until(poll, token).await?;
         }
+    }
+
+    /// Takes the buffered events up to stream sequence `last`.
+    fn take_through(&mut self, last: u64) -> Vec<Delivered> {
+        let count = self.buffer.iter().take_while(|delivered| delivered.stream_sequence <= last).count();
+        self.buffer.drain(..count).collect()
     }
 }
 
@@ -225,66 +230,68 @@ pub async fn run(context: Arc<ProjectorContext>, partition: u16, lease: Versione
 
 impl Worker<'_> {
     async fn run(&mut self, release: &CancellationToken) -> Exit {
-        let epoch = self.current.state.epoch;
-        let consumer_name = self.context.consumer_name(self.partition, epoch);
-        if epoch > 1 {
-            // The previous owner's consumer; it would expire anyway, this only tidies sooner.
-            let _ = self.context.stream.delete_consumer(&self.context.consumer_name(self.partition, epoch - 1)).await;
-        }
         let mut delay = MIN_BACKOFF;
         tracing::info!(
             partition = self.partition,
-            epoch,
+            epoch = self.current.state.epoch,
             committed_through = self.current.state.committed_through,
             pending = ?self.current.state.pending,
             "partition acquired"
         );
-        'reopen: loop {
+        loop {
             if release.is_cancelled() {
                 return self.release().await;
             }
-            let mut reader =
-                match Reader::open(self.context, &consumer_name, self.partition, self.current.state.committed_through)
-                    .await
-                {
-                    Ok(reader) => reader,
-                    Err(error) => {
-                        if let Some(exit) = self.failed(&error, &mut delay, release).await {
-                            return exit;
+            // The subscription is dropped before backing off, so the reader never waits on a
+            // channel nobody empties; the next one starts again from the checkpoint (the reader
+            // rewinds for it), rather than reasoning about what the old one had buffered.
+            let error = match Reader::open(self.context, self.partition, self.current.state.committed_through).await {
+                Ok(mut reader) => match self.work(&mut reader, &mut delay, release).await {
+                    Ok(()) => return self.release().await,
+                    Err(error) => error,
+                },
+                Err(error) => error,
+            };
+            if let Some(exit) = self.failed(&error, &mut delay, release).await {
+                return exit;
+            }
+        }
+    }
+
+    /// Batches until released (`Ok`) or a step fails.
+    async fn work(
+        &mut self,
+        reader: &mut Reader,
+        delay: &mut Duration,
+        release: &CancellationToken,
+    ) -> Result<(), StepError> {
+        let mut replay_rounds = 0u32;
+        loop {
+            // Between batches only: a rebuild that is swapping its tables in needs every
+            // partition to hold still with nothing in flight.
+            self.honor_pause(release).await?;
+            if release.is_cancelled() {
+                return Ok(());
+            }
+            match self.current.state.pending {
+                Some(pending) => {
+                    if self.replay(reader, pending, release).await? {
+                        replay_rounds = 0;
+                    } else {
+                        replay_rounds += 1;
+                        if replay_rounds >= REPLAY_ROUNDS {
+                            return Err(StepError::Nats(format!(
+                                "pending range {}..={} cannot be re-read",
+                                pending.first, pending.last
+                            )));
                         }
-                        continue 'reopen;
-                    }
-                };
-            loop {
-                // Between batches only: a rebuild that is swapping its tables in needs every
-                // partition to hold still with nothing in flight.
-                if let Err(error) = self.honor_pause(release).await {
-                    if let Some(exit) = self.failed(&error, &mut delay, release).await {
-                        return exit;
-                    }
-                    continue 'reopen;
-                }
-                if release.is_cancelled() {
-                    return self.release().await;
-                }
-                let outcome = match self.current.state.pending {
-                    Some(pending) => self.replay(&mut reader, pending, release).await,
-                    None => self.step(&mut reader, release).await,
-                };
-                match outcome {
-                    Ok(()) => delay = MIN_BACKOFF,
-                    Err(error) => {
-                        if let Some(exit) = self.failed(&error, &mut delay, release).await {
-                            return exit;
-                        }
-                        // Delivered but unprocessed messages are in the old reader's buffer:
-                        // start over from the checkpoint rather than reason about them.
-                        continue 'reopen;
                     }
                 }
-                if release.is_cancelled() {
-                    return self.release().await;
-                }
+                None => self.step(reader, release).await?,
+            }
+            *delay = MIN_BACKOFF;
+            if release.is_cancelled() {
+                return Ok(());
             }
         }
     }
@@ -354,44 +361,33 @@ impl Worker<'_> {
         }
     }
 
-    /// One batch: read, record the intent, write, commit, acknowledge.
+    /// One batch: read, record the intent, write, commit.
     async fn step(&mut self, reader: &mut Reader, release: &CancellationToken) -> Result<(), StepError> {
-        let batch = reader.next_batch(self.context.batch_max_rows, self.context.batch_max_wait, None, release).await?;
-        self.project(batch, release).await
+        let batch = reader.next_batch(self.context.batch_max_rows, self.context.batch_max_wait, release).await?;
+        let backlog = reader.backlog();
+        self.project_range(batch, None, backlog, release).await
     }
 
-    /// Re-reads the range an earlier attempt recorded as pending and writes it again.
+    /// Re-reads the range an earlier attempt recorded as pending and writes it again; `false`
+    /// when the range is not complete yet (the worker goes round, honouring a pause, and waits
+    /// again with what it has buffered).
     async fn replay(
         &mut self,
         reader: &mut Reader,
         pending: PendingBatch,
         release: &CancellationToken,
-    ) -> Result<(), StepError> {
-        let mut batch: Vec<Delivered> = Vec::new();
-        let mut idle_fetches = 0;
-        while batch.last().is_none_or(|last| last.stream_sequence < pending.last) && !release.is_cancelled() {
-            let more = reader
-                .next_batch(self.context.batch_max_rows, self.context.batch_max_wait, Some(pending.last), release)
-                .await?;
-            if more.is_empty() {
-                idle_fetches += 1;
-                // The range's tail is gone (expired from the stream, or only skipped sequences
-                // of other partitions remain): nothing more of it can ever arrive.
-                if idle_fetches >= 10 && reader.buffer.front().is_some_and(|next| next.stream_sequence > pending.last) {
-                    break;
-                }
-                if idle_fetches >= 50 {
-                    return Err(StepError::Nats(format!(
-                        "pending range {}..={} cannot be re-read",
-                        pending.first, pending.last
-                    )));
-                }
-            }
-            batch.extend(more);
+    ) -> Result<bool, StepError> {
+        let wait = self.context.batch_max_wait.max(REPLAY_WAIT);
+        if !reader.fill_through(pending.last, wait, release).await? {
+            self.keep_lease().await?;
+            return Ok(false);
         }
         if release.is_cancelled() {
-            return Ok(());
+            return Ok(true);
         }
+        // Events of the range that expired from the stream are simply not there: the feed has
+        // read past `last`, so nothing more of the range can arrive.
+        let batch = reader.take_through(pending.last);
         tracing::info!(
             partition = self.partition,
             first = pending.first,
@@ -399,17 +395,16 @@ impl Worker<'_> {
             events = batch.len(),
             "replaying pending batch"
         );
-        self.project_range(batch, Some(pending), release).await
-    }
-
-    async fn project(&mut self, batch: Vec<Delivered>, release: &CancellationToken) -> Result<(), StepError> {
-        self.project_range(batch, None, release).await
+        let backlog = reader.backlog();
+        self.project_range(batch, Some(pending), backlog, release).await?;
+        Ok(true)
     }
 
     async fn project_range(
         &mut self,
         batch: Vec<Delivered>,
         recorded: Option<PendingBatch>,
+        backlog: u64,
         release: &CancellationToken,
     ) -> Result<(), StepError> {
         let committed = self.current.state.committed_through;
@@ -423,8 +418,8 @@ impl Worker<'_> {
         let last_sequence = last.stream_sequence;
         let fresh: Vec<&Delivered> = batch.iter().filter(|delivered| delivered.stream_sequence > committed).collect();
         let Some(first) = fresh.first() else {
-            // Only redeliveries of what is already committed: acknowledge them and move on.
-            let _ = last.message.ack().await;
+            // Only what is already committed (cannot come from the feed, which starts after the
+            // checkpoint; kept as a guard): move on.
             metrics::counter!("stone_analytics_events_total", "outcome" => "skipped").increment(batch.len() as u64);
             return self.renew_if_due().await;
         };
@@ -467,22 +462,36 @@ impl Worker<'_> {
                     delay = (delay * 2).min(MAX_BACKOFF);
                     // Stalled: everything from this batch on is behind, and says so.
                     let behind = (OffsetDateTime::now_utc() - first.published).as_seconds_f64().max(0.0);
-                    self.renew_with_lag(last.pending + fresh.len() as u64, behind).await?;
+                    let pending_events = self.pending_estimate(last.stream_pending, backlog) + fresh.len() as u64;
+                    self.renew_with_lag(pending_events, behind).await?;
                 }
             }
         }
 
-        // 4. Commit, 5. acknowledge.
-        let lag = Some((last.pending, last.published));
+        // 4. Commit.
+        let lag = Some((self.pending_estimate(last.stream_pending, backlog), last.published));
         self.commit(Some(last_sequence), fresh.len() as u64, lag).await?;
-        if let Err(error) = last.message.ack().await {
-            // The checkpoint is what counts; a lost ack only means redelivery, which is skipped.
-            tracing::debug!(partition = self.partition, %error, "ack failed");
-        }
         metrics::counter!("stone_analytics_events_total", "outcome" => "committed")
             .increment(fresh.len() as u64 - dead_letters);
         metrics::counter!("stone_analytics_events_total", "outcome" => "dead_lettered").increment(dead_letters);
         Ok(())
+    }
+
+    /// Events of this partition in the stream after the batch: what the worker has received
+    /// but not projected, plus this partition's share of what the instance's reader has not
+    /// read yet (the reader reads all partitions; event ids, hence partitions, are uniform).
+    /// Exact when caught up (zero).
+    fn pending_estimate(&self, stream_pending: u64, backlog: u64) -> u64 {
+        backlog + stream_pending.div_ceil(u64::from(self.context.partitions.max(1)))
+    }
+
+    /// Extends the lease when a third of it has passed, leaving the recorded lag as it is.
+    async fn keep_lease(&mut self) -> Result<(), StateError> {
+        let third = i64::try_from(self.context.lease_ttl.as_millis() / 3).unwrap_or(i64::MAX);
+        if self.current.state.lease_expires_ms - state::now_ms() > 2 * third {
+            return Ok(());
+        }
+        self.renew().await
     }
 
     /// Moves the checkpoint (when `through` is given) and clears `pending`.
@@ -519,7 +528,7 @@ impl Worker<'_> {
             .set(self.current.state.seconds_behind);
     }
 
-    /// Extends the lease when a third of it has passed. An idle fetch found nothing, so the
+    /// Extends the lease when a third of it has passed. An idle wait found nothing, so the
     /// partition is caught up.
     async fn renew_if_due(&mut self) -> Result<(), StepError> {
         let third = i64::try_from(self.context.lease_ttl.as_millis() / 3).unwrap_or(i64::MAX);
