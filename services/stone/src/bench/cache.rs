@@ -134,15 +134,67 @@ fn start_stone_proxy(
     Ok((guard, listen, namespace))
 }
 
+/// Runs `op` from `concurrency` tasks for `seconds`; returns every call's latency in
+/// microseconds and the calls that did not find what they should have.
+async fn timed<F, Fut>(concurrency: usize, seconds: u64, op: F) -> anyhow::Result<(Vec<u32>, u64)>
+where
+    F: Fn() -> Fut + Clone + Send + 'static,
+    Fut: Future<Output = bool> + Send,
+{
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    let mut workers = Vec::new();
+    for _ in 0..concurrency {
+        let op = op.clone();
+        workers.push(tokio::spawn(async move {
+            let mut latencies_us: Vec<u32> = Vec::new();
+            let mut misses = 0u64;
+            while Instant::now() < deadline {
+                let started = Instant::now();
+                if !op().await {
+                    misses += 1;
+                }
+                latencies_us.push(u32::try_from(started.elapsed().as_micros()).unwrap_or(u32::MAX));
+            }
+            (latencies_us, misses)
+        }));
+    }
+    let mut latencies = Vec::new();
+    let mut errors = 0;
+    for worker in workers {
+        let (worker_latencies, misses) = worker.await?;
+        latencies.extend(worker_latencies);
+        errors += misses;
+    }
+    latencies.sort_unstable();
+    Ok((latencies, errors))
+}
+
+fn summarize(name: &'static str, seconds: u64, latencies: &[u32], errors: u64) -> Measurement {
+    let quantile = |q: f64| {
+        let index = ((latencies.len() as f64 * q) as usize).min(latencies.len().saturating_sub(1));
+        latencies.get(index).map_or(0.0, |micros| f64::from(*micros) / 1000.0)
+    };
+    Measurement {
+        name,
+        requests_per_second: latencies.len() as f64 / seconds.max(1) as f64,
+        p50_ms: Some(quantile(0.50)),
+        p99_ms: quantile(0.99),
+        errors,
+    }
+}
+
 /// Redis-tier hits through `Cache::serve`: with a memory tier of 0 bytes there is none, so each
 /// lookup reads and decodes the object from Redis; answers not marked `detail=redis` count as
-/// misses.
-async fn redis_tier(config: &StoneConfig, args: &CacheBenchArgs) -> anyhow::Result<Measurement> {
+/// misses. Then the same object read by the tier alone, undecoded (one `GET` round trip on the
+/// multiplexed connection) and decoded, so the report shows where a Redis-tier hit's time goes.
+async fn redis_tier(config: &StoneConfig, args: &CacheBenchArgs) -> anyhow::Result<Vec<Measurement>> {
+    use stone_proxy::cache::store::RedisTier;
     use stone_proxy::cache::{Cache, CachePolicy, CacheRequest, CacheSettings, Fetcher};
+    let prefix = format!("bench{}:cache", uuid_suffix());
     let settings = CacheSettings {
         memory_max_bytes: 0,
         redis_url: Some(config.redis_url.clone()),
-        redis_prefix: format!("bench{}:cache", uuid_suffix()),
+        redis_prefix: prefix.clone(),
         redis_timeout: Duration::from_millis(500),
         ..CacheSettings::default()
     };
@@ -160,38 +212,24 @@ async fn redis_tier(config: &StoneConfig, args: &CacheBenchArgs) -> anyhow::Resu
         })
     });
     let policy = Arc::new(CachePolicy::with_defaults());
-    let request = || {
-        let parts = lookup_parts();
-        (
-            CacheRequest { route: "bench".into(), policy: Arc::clone(&policy), host: "bench".into(), consumer: None },
-            parts,
-        )
-    };
+    let request =
+        CacheRequest { route: "bench".into(), policy: Arc::clone(&policy), host: "bench".into(), consumer: None };
     // Store the object, then every later lookup is a Redis hit.
-    let (first, parts) = request();
-    let stored =
-        cache.serve(first, parts, Arc::clone(&fetcher)).await.map_err(|kind| anyhow::anyhow!("{}", kind.as_str()))?;
+    let stored = cache
+        .serve(request.clone(), lookup_parts(), Arc::clone(&fetcher))
+        .await
+        .map_err(|kind| anyhow::anyhow!("{}", kind.as_str()))?;
     let _ = stored.response.into_body().collect().await;
     tokio::time::sleep(Duration::from_millis(200)).await;
 
-    eprintln!("bench: redis tier: {} s of lookups", args.duration);
-    let deadline = Instant::now() + Duration::from_secs(args.duration);
-    let mut workers = Vec::new();
-    for _ in 0..args.redis_concurrency {
-        let (cache, fetcher, policy) = (cache.clone(), Arc::clone(&fetcher), Arc::clone(&policy));
-        workers.push(tokio::spawn(async move {
-            let mut latencies_us: Vec<u32> = Vec::new();
-            let mut misses = 0u64;
-            while Instant::now() < deadline {
-                let parts = lookup_parts();
-                let request = CacheRequest {
-                    route: "bench".into(),
-                    policy: Arc::clone(&policy),
-                    host: "bench".into(),
-                    consumer: None,
-                };
-                let started = Instant::now();
-                match cache.serve(request, parts, Arc::clone(&fetcher)).await {
+    let mut results = Vec::new();
+    eprintln!("bench: redis tier: {} s of lookups through Cache::serve", args.duration);
+    let serve = {
+        let (cache, fetcher, request) = (cache.clone(), Arc::clone(&fetcher), request.clone());
+        move || {
+            let (cache, fetcher, request) = (cache.clone(), Arc::clone(&fetcher), request.clone());
+            async move {
+                match cache.serve(request, lookup_parts(), fetcher).await {
                     Ok(served) => {
                         let from_redis = served
                             .response
@@ -200,29 +238,37 @@ async fn redis_tier(config: &StoneConfig, args: &CacheBenchArgs) -> anyhow::Resu
                             .and_then(|value| value.to_str().ok())
                             .is_some_and(|value| value.contains("detail=redis"));
                         let _ = served.response.into_body().collect().await;
-                        if served.status != stone_events::request::CacheStatus::Hit || !from_redis {
-                            misses += 1;
-                        }
+                        served.status == stone_events::request::CacheStatus::Hit && from_redis
                     }
-                    Err(_) => misses += 1,
+                    Err(_) => false,
                 }
-                latencies_us.push(u32::try_from(started.elapsed().as_micros()).unwrap_or(u32::MAX));
             }
-            (latencies_us, misses)
-        }));
-    }
-    let mut latencies = Vec::new();
-    let mut errors = 0;
-    for worker in workers {
-        let (worker_latencies, misses) = worker.await?;
-        latencies.extend(worker_latencies);
-        errors += misses;
-    }
-    latencies.sort_unstable();
-    let quantile = |q: f64| {
-        let index = ((latencies.len() as f64 * q) as usize).min(latencies.len().saturating_sub(1));
-        latencies.get(index).map_or(0.0, |micros| f64::from(*micros) / 1000.0)
+        }
     };
+    let (latencies, errors) = timed(args.redis_concurrency, args.duration, serve).await?;
+    results.push(summarize("stone, Redis-tier hits (in process, Cache::serve)", args.duration, &latencies, errors));
+
+    let tier =
+        RedisTier::connect(&config.redis_url, &prefix, Duration::from_millis(500), Duration::from_secs(3)).await?;
+    let seconds = args.duration.div_ceil(2);
+    for (name, decode) in
+        [("Redis tier alone: GET round trip, undecoded", false), ("Redis tier alone: GET and decode", true)]
+    {
+        eprintln!("bench: {name}: {seconds} s");
+        let tier = tier.clone();
+        let op = move || {
+            let tier = tier.clone();
+            async move {
+                if decode {
+                    matches!(tier.get("bench/1k").await, Ok(Some(_)))
+                } else {
+                    matches!(tier.get_encoded("bench/1k").await, Ok(Some(_)))
+                }
+            }
+        };
+        let (latencies, errors) = timed(args.redis_concurrency, seconds, op).await?;
+        results.push(summarize(name, seconds, &latencies, errors));
+    }
     let _ = cache
         .purge(&stone_events::cache::PurgeCommand {
             by: stone_events::cache::PurgeBy::Prefix,
@@ -230,13 +276,7 @@ async fn redis_tier(config: &StoneConfig, args: &CacheBenchArgs) -> anyhow::Resu
             actor: "bench".into(),
         })
         .await;
-    Ok(Measurement {
-        name: "stone, Redis-tier hits (in process)",
-        requests_per_second: latencies.len() as f64 / args.duration as f64,
-        p50_ms: Some(quantile(0.50)),
-        p99_ms: quantile(0.99),
-        errors,
-    })
+    Ok(results)
 }
 
 /// The head of `GET /1k`.
@@ -251,7 +291,7 @@ pub fn run(config: &StoneConfig, runtime: &tokio::runtime::Runtime, args: CacheB
     require("nginx")?;
     let load = load_average();
     let mut results = with_scratch_site("stone-bench-cache", |dir| run_in(config, &args, dir))?;
-    results.push(runtime.block_on(redis_tier(config, &args))?);
+    results.extend(runtime.block_on(redis_tier(config, &args))?);
     emit_report(&report(&args, &results, &load), args.record.as_deref())
 }
 
@@ -331,7 +371,9 @@ fn report(args: &CacheBenchArgs, results: &[Measurement], load: &str) -> String 
         "`stone bench cache --duration {} --connections {}` (release build): `wrk -t{} -c{} --latency` over \
          keep-alive, every request a hit on one 1 KiB object (`Cache-Control: public, max-age=3600`); nginx \
          proxy_cache with {} workers, access log off and on; stone with its events off and on. Redis-tier hits: {} \
-         concurrent `Cache::serve` calls in process with no memory tier. {} CPUs; load average before the run: {}.\n",
+         concurrent `Cache::serve` calls in process with no memory tier, then the tier alone (`GET` on the \
+         multiplexed connection, undecoded and decoded) to split round trip from decoding. {} CPUs; load average \
+         before the run: {}.\n",
         args.duration,
         args.connections,
         args.threads,
