@@ -1,23 +1,26 @@
 //! `stone bench pipeline`: the analytics pipeline against the raw JetStream consume rate of the
 //! same events on the same machine, freshness from publish to visible through the API, and the
-//! latency of every analytics endpoint over what the run stored, reported as ratios.
+//! latency of every analytics endpoint over `--latency-rows` stored rows, reported as ratios.
 //!
 //! It uses the configured NATS and ClickHouse with a namespace and database of its own, removed
 //! afterwards (unless `--keep`), so it never touches a deployment's data:
 //! 1. publish `--events` synthetic `request.completed` events spread over the last six hours;
-//! 2. consume them with one pull consumer per partition and batch acks, doing nothing else
-//!    (the ceiling any projector on this machine can reach);
+//! 2. consume them with the projector's reader kind (one ordered consumer over `{ns}.ev.>`, no
+//!    acknowledgements), doing nothing else: the ceiling any projector instance on this machine
+//!    can reach;
 //! 3. start the projector and time until every event is in ClickHouse (raw and rollups);
 //! 4. publish at `--rate` events/s for `--seconds`, marking some events, and poll the gateway's
 //!    request search for the markers: publish → visible through the API;
-//! 5. query each analytics endpoint `--samples` times over the stored events.
+//! 5. add `--latency-rows` synthetic rows straight in ClickHouse (`INSERT … SELECT … FROM
+//!    numbers()`, so the rollups fill through their materialized views as with the projector's
+//!    inserts) and query each analytics endpoint `--samples` times over them.
 
 use std::collections::HashMap;
 use std::io::Write;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, pull};
+use async_nats::jetstream::consumer::{DeliverPolicy, pull};
 use bytes::Bytes;
 use clap::Args;
 use futures::StreamExt;
@@ -43,6 +46,16 @@ pub struct PipelineBenchArgs {
     /// Requests per endpoint in the latency phase.
     #[arg(long, default_value_t = 30)]
     samples: usize,
+    /// Rows the latency phase measures over: the rows already stored are topped up to this many
+    /// with rows generated in ClickHouse, spread over the last six hours (0: no top-up).
+    #[arg(long, default_value_t = 10_000_000)]
+    latency_rows: u64,
+    /// `analytics.batch_max_rows` of the projector (default: the configuration's).
+    #[arg(long)]
+    batch_max_rows: Option<usize>,
+    /// `analytics.batch_max_wait_ms` of the projector (default: the configuration's).
+    #[arg(long)]
+    batch_max_wait_ms: Option<u64>,
     /// Keep the bench's streams and database afterwards.
     #[arg(long)]
     keep: bool,
@@ -57,6 +70,12 @@ pub async fn run(base: &StoneConfig, args: PipelineBenchArgs) -> anyhow::Result<
     config.clickhouse_database = format!("bench_{suffix}");
     config.analytics.admin_listen = "127.0.0.1:0".parse()?;
     config.analytics.instance_id = format!("bench-{suffix}");
+    if let Some(rows) = args.batch_max_rows {
+        config.analytics.batch_max_rows = rows;
+    }
+    if let Some(wait) = args.batch_max_wait_ms {
+        config.analytics.batch_max_wait_ms = wait;
+    }
     // Room for the events in JetStream without reserving the server's whole storage.
     config.events.max_bytes = i64::try_from(args.events.saturating_mul(1_200).max(256 << 20)).unwrap_or(i64::MAX);
     let outcome = measure(&config, &args).await;
@@ -94,14 +113,15 @@ async fn measure(config: &StoneConfig, args: &PipelineBenchArgs) -> anyhow::Resu
     let publish_rate = args.events as f64 / started.elapsed().as_secs_f64();
     line(&mut report, format!("published {} events at {publish_rate:.0} ev/s", args.events));
 
-    // 2. Raw consume: the same events, one pull consumer per partition (the projector's access
-    // path), batch acks, no work; and, for reference, one consumer over the whole stream.
-    let whole_stream_rate = raw_consume(config, &js, args.events, None).await?;
-    line(&mut report, format!("raw JetStream consume, one consumer, no filter: {whole_stream_rate:.0} ev/s"));
-    let consume_rate = raw_consume(config, &js, args.events, Some(config.partitions)).await?;
+    // 2. Raw consume: the same events through the projector's reader kind, no work.
+    let consume_rate = raw_consume(config, &js, args.events).await?;
+    line(&mut report, format!("raw JetStream consume, one ordered consumer over the stream: {consume_rate:.0} ev/s"));
     line(
         &mut report,
-        format!("raw JetStream consume, {} partition-filtered consumers: {consume_rate:.0} ev/s", config.partitions),
+        format!(
+            "projector: {} partitions, batch_max_rows {}, batch_max_wait_ms {}",
+            config.partitions, config.analytics.batch_max_rows, config.analytics.batch_max_wait_ms
+        ),
     );
 
     // 3. The projector.
@@ -120,7 +140,15 @@ async fn measure(config: &StoneConfig, args: &PipelineBenchArgs) -> anyhow::Resu
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let pipeline_rate = args.events as f64 / started.elapsed().as_secs_f64();
-    let rolled: u64 = clickhouse.query("SELECT sum(requests) FROM requests_1h").fetch_one().await?;
+    // A part reaches the raw table before its rollup blocks: give the last inserts a moment.
+    let checked = Instant::now();
+    let rolled = loop {
+        let rolled: u64 = clickhouse.query("SELECT sum(requests) FROM requests_1h").fetch_one().await?;
+        if rolled >= args.events || checked.elapsed() > Duration::from_secs(30) {
+            break rolled;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     anyhow::ensure!(rolled == args.events, "hourly rollup holds {rolled} of {} events", args.events);
     line(
         &mut report,
@@ -146,7 +174,21 @@ async fn measure(config: &StoneConfig, args: &PipelineBenchArgs) -> anyhow::Resu
         ),
     );
 
-    // 5. Endpoint latency over the stored events.
+    // 5. Endpoint latency over `--latency-rows` stored events.
+    let stored: u64 = clickhouse.query("SELECT count() FROM requests").fetch_one().await?;
+    if args.latency_rows > stored {
+        let added = args.latency_rows - stored;
+        let started = Instant::now();
+        bulk_requests(&clickhouse, added).await?;
+        let rolled: u64 = clickhouse.query("SELECT sum(requests) FROM requests_1h").fetch_one().await?;
+        line(
+            &mut report,
+            format!(
+                "generated {added} rows in ClickHouse in {:.1} s (hourly rollup now sums {rolled})",
+                started.elapsed().as_secs_f64()
+            ),
+        );
+    }
     let stored: u64 = clickhouse.query("SELECT count() FROM requests").fetch_one().await?;
     line(&mut report, format!("endpoint latency over {stored} stored events ({} samples each):", args.samples));
     let hour = |hours_ago: i64| -> anyhow::Result<String> {
@@ -196,63 +238,65 @@ async fn measure(config: &StoneConfig, args: &PipelineBenchArgs) -> anyhow::Resu
     Ok(report)
 }
 
-/// Reads every event once, through one pull consumer per partition (`Some(partitions)`) or one
-/// consumer over the whole stream (`None`), acknowledging batches.
-async fn raw_consume(
-    config: &StoneConfig,
-    js: &async_nats::jetstream::Context,
-    events: u64,
-    partitions: Option<u16>,
-) -> anyhow::Result<f64> {
+/// Reads every event once through one ordered consumer over the whole stream: the reader kind
+/// of a projector instance (`stone_analytics::feed`), without acknowledgements.
+async fn raw_consume(config: &StoneConfig, js: &async_nats::jetstream::Context, events: u64) -> anyhow::Result<f64> {
     let namespace = config.namespace();
     let stream = js.get_stream(namespace.stream_name("EVENTS")).await?;
     let started = Instant::now();
-    let mut tasks = Vec::new();
-    let filters: Vec<(String, String)> = match partitions {
-        Some(count) => {
-            (0..count).map(|partition| (format!("raw-p{partition}"), namespace.partition_filter(partition))).collect()
-        }
-        None => vec![("raw-all".to_owned(), namespace.events_wildcard())],
-    };
-    for (name, filter_subject) in filters {
-        let consumer = stream
-            .create_consumer(pull::Config {
-                durable_name: Some(name),
-                filter_subject,
-                deliver_policy: DeliverPolicy::All,
-                ack_policy: AckPolicy::All,
-                max_ack_pending: 100_000,
-                ..Default::default()
-            })
-            .await?;
-        let batch = config.analytics.batch_max_rows;
-        tasks.push(tokio::spawn(async move {
-            let mut read = 0u64;
-            loop {
-                let mut messages =
-                    consumer.batch().max_messages(batch).expires(Duration::from_millis(500)).messages().await?;
-                let mut last = None;
-                let mut received = 0;
-                while let Some(message) = messages.next().await {
-                    last = Some(message.map_err(|error| anyhow::anyhow!("{error}"))?);
-                    received += 1;
-                }
-                read += received;
-                match last {
-                    Some(message) => message.ack().await.map_err(|error| anyhow::anyhow!("{error}"))?,
-                    None => return Ok::<u64, anyhow::Error>(read),
-                }
+    let consumer = stream
+        .create_consumer(pull::OrderedConfig {
+            filter_subject: namespace.events_wildcard(),
+            deliver_policy: DeliverPolicy::All,
+            ..Default::default()
+        })
+        .await?;
+    let mut messages = consumer.messages().await?;
+    let mut read = 0u64;
+    let mut bytes = 0usize;
+    while read < events {
+        let next = tokio::time::timeout(Duration::from_secs(10), messages.next()).await;
+        match next {
+            Ok(Some(message)) => {
+                let message = message.map_err(|error| anyhow::anyhow!("{error}"))?;
+                // Touch what a projector reads first, so the work is not optimised away.
+                bytes += message.payload.len();
+                message.info().map_err(|error| anyhow::anyhow!("{error}"))?;
+                read += 1;
             }
-        }));
+            Ok(None) | Err(_) => break,
+        }
     }
-    let mut total = 0;
-    for task in tasks {
-        total += task.await??;
-    }
-    // The last empty fetch of each partition is waiting, not reading: leave it out.
-    let elapsed = started.elapsed().as_secs_f64() - 0.5;
-    anyhow::ensure!(total == events, "raw consume read {total} of {events} events");
+    let elapsed = started.elapsed().as_secs_f64();
+    anyhow::ensure!(read == events, "raw consume read {read} of {events} events ({bytes} bytes)");
     Ok(events as f64 / elapsed.max(0.001))
+}
+
+/// Adds `rows` synthetic `request.completed` rows spread over the last six hours, generated in
+/// ClickHouse with the distribution of [`synthetic::request`], so the materialized views fill the
+/// rollups exactly as with the projector's inserts.
+async fn bulk_requests(clickhouse: &clickhouse::Client, rows: u64) -> anyhow::Result<()> {
+    let now_us = OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000;
+    let spread_us: i128 = 6 * 3_600_000_000;
+    let start_us = now_us - spread_us;
+    let step_us = (spread_us / i128::from(rows.max(1))).max(1);
+    // Numbers only (ours, not input), so formatting them into the statement is safe.
+    let sql = format!(
+        "INSERT INTO requests (event_id, time, source, config_seq, partition, stream_seq, method, host, route, \
+           path_template, path, upstream, target, consumer, client_ip, protocol, status, total_us, upstream_us, \
+           ttfb_us, bytes_in, bytes_out, cache, error, rate_limited, traceparent) \
+         SELECT generateUUIDv4(number), fromUnixTimestamp64Micro(toInt64({start_us} + number * {step_us}), 'UTC'), \
+           'bench-bulk', 1, toUInt16(number % 8), 0, 'GET', 'api.example.com', \
+           ['users', 'orders', 'search', 'static'][number % 4 + 1] AS route, concat('/', route, '/{{id}}'), \
+           concat('/', route, '/', toString(number)), concat(route, '-svc'), 'http://10.0.0.5:8000', \
+           ['acme', 'globex', 'initech'][number % 3 + 1], '10.1.2.3', 'HTTP/1.1', \
+           multiIf(number % 50 = 0, 500, number % 20 = 0, 404, 200) AS status, 1000 + number % 997, \
+           800 + number % 997, 500, 200, 2000, multiIf(number % 3 = 0, 'hit', number % 3 = 1, 'miss', 'none'), \
+           if(status = 500, 'upstream_reset', ''), 0, '' \
+         FROM numbers({rows})"
+    );
+    clickhouse.query(&sql).with_setting("insert_deduplicate", "0").execute().await?;
+    Ok(())
 }
 
 /// Publishes at `rate` for `seconds`, one marker every 10 ms, and polls the API for markers.
