@@ -116,10 +116,8 @@ async fn measure(config: &StoneConfig, server: &str, args: &ReplayBenchArgs) -> 
     let summary = rebuilder.execute(&tracker, &options, &CancellationToken::new()).await?;
     let elapsed = started.elapsed().as_secs_f64();
     let rebuild_rate = summary.events as f64 / elapsed;
-    let (rows, rolled): (u64, u64) = clickhouse
-        .query("SELECT (SELECT count() FROM requests), (SELECT sum(requests) FROM requests_1h)")
-        .fetch_one()
-        .await?;
+    let rows: u64 = clickhouse.query("SELECT count() FROM requests").fetch_one().await?;
+    let rolled: u64 = clickhouse.query("SELECT sum(requests) FROM requests_1h").fetch_one().await?;
     anyhow::ensure!(
         rows == args.events && rolled == args.events,
         "after the rebuild: {rows} raw rows and {rolled} in the hourly rollup, {} expected",
