@@ -84,6 +84,38 @@ where
     }
 }
 
+/// A route's request metrics, registered once when the routing table is built: a label lookup
+/// (and the label strings it allocates) per request was measurable under load.
+#[derive(Debug, Clone)]
+pub struct RouteMetrics {
+    /// `stone_proxy_requests_total` per status class: 1xx to 5xx, then other.
+    requests: [metrics::Counter; 6],
+    duration: metrics::Histogram,
+}
+
+impl RouteMetrics {
+    pub fn new(route: &str) -> Self {
+        let requests = ["1xx", "2xx", "3xx", "4xx", "5xx", "other"].map(|class| {
+            metrics::counter!("stone_proxy_requests_total", "route" => route.to_owned(), "status_class" => class)
+        });
+        Self {
+            requests,
+            duration: metrics::histogram!("stone_proxy_request_duration_seconds", "route" => route.to_owned()),
+        }
+    }
+
+    fn record(&self, status: u16, total_us: u64) {
+        let class = match status {
+            100..=599 => usize::from(status / 100 - 1),
+            _ => 5,
+        };
+        if let Some(counter) = self.requests.get(class) {
+            counter.increment(1);
+        }
+        self.duration.record(total_us as f64 / 1e6);
+    }
+}
+
 /// Everything needed to emit `request.completed` once the response is done.
 pub struct Completion {
     pub sink: EventSink,
@@ -97,6 +129,8 @@ pub struct Completion {
     pub bytes_in: Arc<AtomicU64>,
     /// The target's in-flight count, released when the response ends (least-request reads it).
     pub target_health: Option<Arc<TargetHealth>>,
+    /// The matched route's metric handles; `None` until a route matched.
+    pub metrics: Option<Arc<RouteMetrics>>,
     pub data: RequestCompleted,
 }
 
@@ -115,14 +149,20 @@ impl Completion {
         if error.is_some() {
             self.data.error = error;
         }
-        let route = self.data.route.clone();
-        metrics::counter!(
-            "stone_proxy_requests_total",
-            "route" => route.clone(),
-            "status_class" => stone_events::subjects::status_class(self.data.status)
-        )
-        .increment(1);
-        metrics::histogram!("stone_proxy_request_duration_seconds", "route" => route).record(total_us as f64 / 1e6);
+        match &self.metrics {
+            Some(metrics) => metrics.record(self.data.status, total_us),
+            None => {
+                let route = self.data.route.clone();
+                metrics::counter!(
+                    "stone_proxy_requests_total",
+                    "route" => route.clone(),
+                    "status_class" => stone_events::subjects::status_class(self.data.status)
+                )
+                .increment(1);
+                metrics::histogram!("stone_proxy_request_duration_seconds", "route" => route)
+                    .record(total_us as f64 / 1e6);
+            }
+        }
         let envelope =
             Envelope::with_id(self.event_id, self.started_at, self.source.as_ref(), self.config_seq, self.data);
         self.sink.emit(&envelope);

@@ -72,6 +72,9 @@ pub fn worker_id(config: &StoneConfig) -> String {
 /// With routes in the configuration file (standalone mode) the table is in force at once; otherwise
 /// the worker replays the CONFIG stream and reports ready on `/readyz` only when it has caught up.
 pub async fn build(config: &StoneConfig, shutdown: &Shutdown) -> anyhow::Result<RunningProxy> {
+    // Routes and the publisher hold metric handles made when they are built: the recorder must
+    // be in place first (it is when the process initialised telemetry; embedded uses may not have).
+    stone_kit::telemetry::metrics_handle();
     let health_registry = Arc::new(HealthRegistry::default());
     let from_file = config.proxy.uses_file_routes();
     let table = if from_file {

@@ -123,6 +123,8 @@ pub struct Route {
     pub max_body_bytes: Option<u64>,
     /// The route's response cache policy; `None` when the route does not cache.
     pub cache: Option<Arc<crate::cache::CachePolicy>>,
+    /// Request metric handles of the route.
+    pub metrics: Arc<crate::body::RouteMetrics>,
 }
 
 /// One (route, path pattern) pair; a route with several paths has several entries.
@@ -263,6 +265,7 @@ fn compile_route(spec: &RouteSpec, upstreams: &HashMap<String, Arc<Upstream>>) -
         })
         .collect::<Result<Vec<_>, _>>()?;
     Ok(Route {
+        metrics: Arc::new(crate::body::RouteMetrics::new(&spec.name)),
         name: spec.name.clone(),
         hosts: spec.hosts.iter().map(|host| host.to_ascii_lowercase()).collect(),
         methods,

@@ -256,6 +256,7 @@ impl ProxyService {
             ttfb_us: None,
             bytes_in: Arc::clone(&bytes_in),
             target_health: None,
+            metrics: None,
             data: RequestCompleted {
                 method: request.method().as_str().to_owned(),
                 host: host.clone(),
@@ -306,6 +307,7 @@ impl ProxyService {
         };
         let route = Arc::clone(found.route);
         completion.data.route = route.name.clone();
+        completion.metrics = Some(Arc::clone(&route.metrics));
         completion.data.path_template = found.pattern.template();
         completion.data.upstream = Some(route.upstream.name.clone());
         if let Some(access) = table.access().get(&route.name) {

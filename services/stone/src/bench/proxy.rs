@@ -45,6 +45,10 @@ struct Measurement {
     p99_ms: f64,
     errors: u64,
     peak_rss_kib: Option<u64>,
+    /// CPU time (user + system) of the proxy's processes per request served, microseconds.
+    proxy_cpu_us: Option<f64>,
+    /// CPU time of the local nats-server per request, microseconds (what events cost it).
+    nats_cpu_us: Option<f64>,
 }
 
 /// A child process stopped (and reaped) when dropped, so a failed run leaves nothing behind.
@@ -201,6 +205,51 @@ fn peak_rss_kib(pid: u32) -> Option<u64> {
         .and_then(|kib| kib.parse().ok())
 }
 
+/// CPU clock ticks (user + system, all threads) of `pids`, from `/proc/<pid>/stat`.
+fn cpu_ticks(pids: &[u32]) -> u64 {
+    pids.iter()
+        .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/stat")).ok())
+        .filter_map(|stat| {
+            // Fields after the command name (which may hold spaces): state is field 3, utime 14, stime 15.
+            let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+            Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
+        })
+        .sum()
+}
+
+/// `root` and its direct children (an nginx master and its workers).
+fn process_tree(root: u32) -> Vec<u32> {
+    let mut pids = vec![root];
+    pids.extend(processes(|stat| {
+        stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(1)) == Some(root.to_string().as_str())
+    }));
+    pids
+}
+
+/// Processes whose `/proc/<pid>/stat` satisfies `keep`.
+fn processes(keep: impl Fn(&str) -> bool) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
+    entries
+        .filter_map(Result::ok)
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| keep(&stat)))
+        .collect()
+}
+
+/// Clock ticks per second of `/proc` CPU times.
+fn clock_ticks_per_second() -> f64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|output| String::from_utf8(output.stdout).ok())
+        .and_then(|text| text.trim().parse::<f64>().ok())
+        .unwrap_or(100.0)
+}
+
+/// Runs the load against `address`. With `pid` (the proxy's process, or an nginx master), also
+/// the proxy's and nats-server's CPU time per request: on a machine shared with other work,
+/// requests/s move with the neighbours' load, CPU time per request much less.
 fn measure(
     args: &ProxyBenchArgs,
     name: &'static str,
@@ -210,8 +259,22 @@ fn measure(
     eprintln!("bench: {name}: warm-up");
     run_wrk(args, address, 2)?;
     eprintln!("bench: {name}: {} s of load", args.duration);
+    let proxy = pid.map(process_tree).unwrap_or_default();
+    let nats = processes(|stat| stat.contains("(nats-server)"));
+    let (proxy_before, nats_before) = (cpu_ticks(&proxy), cpu_ticks(&nats));
     let (requests_per_second, p99_ms, errors) = run_wrk(args, address, args.duration)?;
-    Ok(Measurement { name, requests_per_second, p99_ms, errors, peak_rss_kib: pid.and_then(peak_rss_kib) })
+    let (proxy_after, nats_after) = (cpu_ticks(&proxy), cpu_ticks(&nats));
+    let requests = requests_per_second * args.duration as f64;
+    let per_request = |ticks: u64| (requests > 0.0).then(|| ticks as f64 / clock_ticks_per_second() * 1e6 / requests);
+    Ok(Measurement {
+        name,
+        requests_per_second,
+        p99_ms,
+        errors,
+        peak_rss_kib: if name.starts_with("stone") { pid.and_then(peak_rss_kib) } else { None },
+        proxy_cpu_us: if proxy.is_empty() { None } else { per_request(proxy_after.saturating_sub(proxy_before)) },
+        nats_cpu_us: if nats.is_empty() { None } else { per_request(nats_after.saturating_sub(nats_before)) },
+    })
 }
 
 /// Starts `stone proxy` from this binary with a file configuration routing to the upstream.
@@ -328,7 +391,7 @@ fn run_in(config: &StoneConfig, args: &ProxyBenchArgs, dir: &Path) -> anyhow::Re
         );
         let guard = start_nginx(dir, if access_log { "proxy-log" } else { "proxy-nolog" }, args.nginx_workers, &block)?;
         wait_until("nginx proxy", || http_ok(listen, "/1k"))?;
-        results.push(measure(args, name, listen, None)?);
+        results.push(measure(args, name, listen, Some(guard.0.id()))?);
         drop(guard);
     }
     for (name, events) in [("stone proxy, events on", true), ("stone proxy, events off", false)] {
@@ -359,45 +422,76 @@ fn report(args: &ProxyBenchArgs, results: &[Measurement]) -> String {
         args.nginx_workers,
         std::thread::available_parallelism().map(usize::from).unwrap_or(0),
     );
-    let _ = writeln!(text, "| run | requests/s | p99 | errors | peak RSS |");
-    let _ = writeln!(text, "|---|---:|---:|---:|---:|");
+    let _ = writeln!(
+        text,
+        "| run | requests/s | p99 | errors | peak RSS | proxy CPU / request | nats-server CPU / request |"
+    );
+    let _ = writeln!(text, "|---|---:|---:|---:|---:|---:|---:|");
+    let micros = |value: Option<f64>| value.map(|us| format!("{us:.1} µs")).unwrap_or_else(|| "-".into());
     for measurement in results {
         let rss =
             measurement.peak_rss_kib.map(|kib| format!("{:.1} MiB", kib as f64 / 1024.0)).unwrap_or_else(|| "-".into());
         let _ = writeln!(
             text,
-            "| {} | {:.0} | {:.2} ms | {} | {rss} |",
-            measurement.name, measurement.requests_per_second, measurement.p99_ms, measurement.errors
+            "| {} | {:.0} | {:.2} ms | {} | {rss} | {} | {} |",
+            measurement.name,
+            measurement.requests_per_second,
+            measurement.p99_ms,
+            measurement.errors,
+            micros(measurement.proxy_cpu_us),
+            micros(measurement.nats_cpu_us)
         );
     }
+    let _ = writeln!(
+        text,
+        "
+CPU per request is the proxy's processes' (and the local nats-server's) user + system time during \
+         the measured run divided by the requests served; it moves much less with other load on the machine \
+         than requests/s."
+    );
     let ratio = |a: Option<&Measurement>, b: Option<&Measurement>, p99: bool| match (a, b) {
         (Some(a), Some(b)) if p99 => format!("{:.2}x", a.p99_ms / b.p99_ms),
         (Some(a), Some(b)) => format!("{:.2}x", a.requests_per_second / b.requests_per_second),
         _ => "-".to_owned(),
     };
+    // CPU per request of the proxy plus NATS (what events cost is mostly in nats-server), as the
+    // inverse ratio so that, like requests/s, higher is better.
+    let cpu_ratio = |a: Option<&Measurement>, b: Option<&Measurement>| {
+        let total = |m: &Measurement| m.proxy_cpu_us.map(|proxy| proxy + m.nats_cpu_us.unwrap_or(0.0));
+        match (a.and_then(total), b.and_then(total)) {
+            (Some(a), Some(b)) if a > 0.0 => format!("{:.2}x", b / a),
+            _ => "-".to_owned(),
+        }
+    };
     let on = find("stone proxy, events on");
     let off = find("stone proxy, events off");
     let nginx_log = find("nginx, access log on");
     let nginx_nolog = find("nginx, access log off");
-    let _ = writeln!(text, "\n| ratio | requests/s | p99 (lower is better) | target |");
-    let _ = writeln!(text, "|---|---:|---:|---|");
     let _ = writeln!(
         text,
-        "| events on / nginx log on | {} | {} | ≥ 1.0x rps |",
+        "\n| ratio | requests/s | p99 (lower is better) | requests per CPU second, proxy + nats-server | target |"
+    );
+    let _ = writeln!(text, "|---|---:|---:|---:|---|");
+    let _ = writeln!(
+        text,
+        "| events on / nginx log on | {} | {} | {} | ≥ 1.0x rps |",
         ratio(on, nginx_log, false),
-        ratio(on, nginx_log, true)
+        ratio(on, nginx_log, true),
+        cpu_ratio(on, nginx_log)
     );
     let _ = writeln!(
         text,
-        "| events off / nginx log off | {} | {} | |",
+        "| events off / nginx log off | {} | {} | {} | |",
         ratio(off, nginx_nolog, false),
-        ratio(off, nginx_nolog, true)
+        ratio(off, nginx_nolog, true),
+        cpu_ratio(off, nginx_nolog)
     );
     let _ = writeln!(
         text,
-        "| events on / events off | {} | {} | ≥ 0.95x rps |",
+        "| events on / events off | {} | {} | {} | ≥ 0.95x rps |",
         ratio(on, off, false),
-        ratio(on, off, true)
+        ratio(on, off, true),
+        cpu_ratio(on, off)
     );
     text
 }
