@@ -169,14 +169,10 @@ async fn tls_serves_h2_and_http11_by_alpn_with_forwarded_proto_https() -> TestRe
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         // The route's metric handles count them (this test is its own process under nextest).
-        let metrics = client()
-            .request(Request::get(format!("http://{}/metrics", proxy.admin_addr)).body(Empty::new())?)
-            .await?;
+        let metrics =
+            client().request(Request::get(format!("http://{}/metrics", proxy.admin_addr)).body(Empty::new())?).await?;
         let metrics = String::from_utf8(metrics.into_body().collect().await?.to_bytes().to_vec())?;
-        assert!(
-            metrics.contains("stone_proxy_requests_total{route=\"app\",status_class=\"2xx\"} 3"),
-            "{metrics}"
-        );
+        assert!(metrics.contains("stone_proxy_requests_total{route=\"app\",status_class=\"2xx\"} 3"), "{metrics}");
         seen.sort();
         assert_eq!(
             seen,
