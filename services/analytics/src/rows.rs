@@ -97,6 +97,8 @@ pub struct CacheRow {
     pub tags: Vec<String>,
     pub actor: String,
     pub reason: String,
+    /// Objects the event stands for (a summed `cache.evicted`), else 1.
+    pub count: u64,
 }
 
 impl CacheRow {
@@ -124,6 +126,7 @@ impl CacheRow {
             tags: data.tags,
             actor: data.actor.unwrap_or_default(),
             reason: data.reason.unwrap_or_default(),
+            count: data.count.unwrap_or(1),
         }
     }
 }

@@ -32,6 +32,11 @@ pub const CLICKHOUSE: &[Migration] = &[
         name: "consumer_usage",
         sql: include_str!("../../../migrations/clickhouse/0003_consumer_usage.sql"),
     },
+    Migration {
+        version: 4,
+        name: "cache_event_count",
+        sql: include_str!("../../../migrations/clickhouse/0004_cache_event_count.sql"),
+    },
 ];
 
 /// Splits a file into statements at `;` outside quotes and comments (the ClickHouse HTTP

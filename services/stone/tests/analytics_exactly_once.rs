@@ -47,6 +47,23 @@ async fn every_event_lands_once_with_rollups_agreeing_and_poison_is_dead_lettere
         publisher.publish_raw(v1_subject, v1_id, Bytes::from(v1)).await?;
         publish_requests(&mut publisher, 4_000, 1_000, now).await?;
         let expected = 5_001;
+        // Cache events land in their own table: a summed eviction report keeps its count.
+        for (action, count) in [(stone_events::cache::CacheAction::Evicted, Some(7)), (stone_events::cache::CacheAction::Stored, None)] {
+            let event = stone_events::cache::CacheEvent {
+                action,
+                route: "users".to_owned(),
+                key: "api.test/users/1".to_owned(),
+                tier: None,
+                bytes: 1_024,
+                ttl_s: None,
+                tags: Vec::new(),
+                actor: None,
+                reason: Some("size".to_owned()),
+                count,
+            };
+            publisher.publish(&stone_events::Envelope::new("test", 0, event)).await?;
+        }
+        publisher.flush().await?;
 
         let shutdown = Shutdown::new();
         stone_analytics::build(&config, &shutdown).await?;
@@ -61,6 +78,11 @@ async fn every_event_lands_once_with_rollups_agreeing_and_poison_is_dead_lettere
             .fetch_one()
             .await?;
         assert_eq!(upcast, (1, 12_346), "v1 duration_ms 12.3456 upcast to microseconds");
+        let counts: Vec<(String, u64)> = clickhouse(&config)
+            .query("SELECT action, sum(count) FROM cache_events GROUP BY action ORDER BY action")
+            .fetch_all()
+            .await?;
+        assert_eq!(counts, vec![("evicted".to_owned(), 7), ("stored".to_owned(), 1)]);
 
         // Every poison message is in DEADLETTER with its reason.
         let dead = js.get_stream(namespace.stream_name("DEADLETTER")).await?;
