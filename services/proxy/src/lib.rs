@@ -95,7 +95,7 @@ pub async fn build(config: &StoneConfig, shutdown: &Shutdown) -> anyhow::Result<
     let listener = stone_kit::bind(config.proxy.listen, "proxy.listen").await?;
     let admin_listener = stone_kit::bind(config.proxy.admin_listen, "proxy.admin_listen").await?;
     let tls_listener = if config.proxy.tls.enabled() {
-        let acceptor = tls::acceptor(&config.proxy.tls)?;
+        let acceptor = tls::acceptor(&config.proxy.tls, shutdown.token())?;
         Some((stone_kit::bind(config.proxy.tls.listen, "proxy.tls.listen").await?, acceptor))
     } else {
         None

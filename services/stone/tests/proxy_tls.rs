@@ -191,6 +191,72 @@ async fn tls_serves_h2_and_http11_by_alpn_with_forwarded_proto_https() -> TestRe
     outcome
 }
 
+/// Replaces `target` with `source` in one rename, as a renewal tool would.
+fn replace_file(source: &std::path::Path, target: &std::path::Path) {
+    let staging = target.with_extension("new");
+    std::fs::copy(source, &staging).unwrap();
+    std::fs::rename(&staging, target).unwrap();
+}
+
+async fn metrics_text(proxy: &stone_proxy::RunningProxy) -> String {
+    let Ok(request) = Request::get(format!("http://{}/metrics", proxy.admin_addr)).body(Empty::new()) else {
+        return String::new();
+    };
+    match client().request(request).await {
+        Ok(response) => response
+            .into_body()
+            .collect()
+            .await
+            .map(|body| String::from_utf8_lossy(&body.to_bytes()).into_owned())
+            .unwrap_or_default(),
+        Err(_) => String::new(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renewed_certificate_is_served_without_a_restart_and_a_broken_one_is_not() -> TestResult {
+    let shutdown = Shutdown::new();
+    let mut config = isolated_config();
+    let certificates = std::env::temp_dir().join(format!("stone-tls-{}", config.namespace));
+    let (cert_path, key_path, first) = self_signed(&certificates);
+    let outcome = async {
+        let upstream = echo_upstream(&shutdown).await?;
+        config.proxy.upstreams = vec![upstream_spec("app", &[(upstream, 1)])];
+        config.proxy.routes = vec![route_spec("app", &["/*"], "app")];
+        config.proxy.tls.cert_path = cert_path.clone();
+        config.proxy.tls.key_path = key_path.clone();
+        let proxy = stone_proxy::build(&config, &shutdown).await?;
+        let tls_addr = proxy.tls_addr.expect("TLS listener");
+        assert!(connect(tls_addr, &first, &[b"h2"]).await.is_ok());
+
+        // Renewal: a new key and certificate replace the files (key first, as certbot's deploy
+        // hooks usually copy them).
+        let (renewed_cert, renewed_key, renewed) = self_signed(&certificates.join("renewed"));
+        replace_file(&renewed_key, &key_path);
+        replace_file(&renewed_cert, &cert_path);
+        let served = eventually(200, || async { connect(tls_addr, &renewed, &[b"h2"]).await.is_ok() }).await;
+        assert!(served, "the renewed certificate is served after the next check");
+        assert!(connect(tls_addr, &first, &[b"h2"]).await.is_err(), "the old certificate is no longer served");
+        let (stream, _) = connect(tls_addr, &renewed, &[b"h2"]).await?;
+        assert_eq!(get_over(stream, true, "/after-renewal").await?.1["x-forwarded-proto"], "https");
+
+        // A broken write is refused and counted; the renewed certificate stays in force.
+        std::fs::write(&cert_path, "-----BEGIN CERTIFICATE-----\ntruncated\n")?;
+        let refused = eventually(200, || async {
+            metrics_text(&proxy).await.contains("stone_proxy_tls_reloads_total{outcome=\"failed\"}")
+        })
+        .await;
+        assert!(refused, "{}", metrics_text(&proxy).await);
+        assert!(connect(tls_addr, &renewed, &[b"h2"]).await.is_ok(), "the certificate in force stays");
+        Ok(())
+    }
+    .await;
+    let _ = shutdown.drain(Duration::from_secs(10)).await;
+    cleanup(&config).await;
+    let _ = std::fs::remove_dir_all(&certificates);
+    outcome
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreadable_certificate_stops_the_worker_naming_the_key() -> TestResult {
     let shutdown = Shutdown::new();
