@@ -155,11 +155,12 @@ impl Rebuilder {
         self.seed(from_seq).await?;
         tracing::info!(from_seq, tables = ?tables.all(), "analytics rebuild: shadow tables created and seeded");
 
-        let (sender, inserts) = spawn_inserter(Sink {
+        let (to_inserter, inserts) = spawn_inserter(Sink {
             clickhouse: self.clickhouse.clone(),
             token_prefix: format!("rebuild-{}", tracker.status().id),
             table_suffix: SHADOW,
         });
+        let (decoder, decoding) = spawn_decoder(to_inserter);
         let mut reader = Reader {
             rebuilder: self,
             tracker,
@@ -168,11 +169,11 @@ impl Rebuilder {
             from_seq,
             last_read: from_seq.saturating_sub(1),
             skipped: 0,
-            rows: Rows::default(),
+            raw: Vec::new(),
             batch_first: None,
             batch_started: Instant::now(),
             batch_rows: options.batch_rows.max(1_000),
-            sender,
+            decoder,
             stream,
             target_seq: 0,
         };
@@ -188,9 +189,13 @@ impl Rebuilder {
         let committed = self.pause_all(tracker).await?;
         reader.finish(&committed).await?;
         reader.flush().await?;
-        let Reader { sender, skipped, last_read, .. } = reader;
-        drop(sender);
+        let Reader { decoder, skipped, last_read, target_seq, .. } = reader;
+        drop(decoder);
+        let undecodable = decoding.await.map_err(|error| anyhow::anyhow!("decode task: {error}"))??;
         inserts.await.map_err(|error| anyhow::anyhow!("insert task: {error}"))??;
+        let skipped = skipped + undecodable;
+        let done = last_read.saturating_sub(from_seq.saturating_sub(1));
+        tracker.progress(done, done, target_seq, skipped);
         tracker.check()?;
         // Rollup history older than every raw row: only now is the shadow's oldest raw row known.
         self.carry_over_rollups(&tables).await?;
@@ -497,6 +502,40 @@ fn rename_qualified(sql: &str, database: &str, name: &str, renamed: &str) -> Str
 }
 
 type InsertJob = (PendingBatch, Rows);
+/// Undecoded messages of one batch: sequence, partition, payload.
+type DecodeJob = (PendingBatch, Vec<(u64, u16, bytes::Bytes)>);
+
+/// Decodes batches on the blocking pool, so reading the stream goes on meanwhile; returns how
+/// many events could not be decoded (the live projection dead-lettered them).
+fn spawn_decoder(
+    inserter: mpsc::Sender<InsertJob>,
+) -> (mpsc::Sender<DecodeJob>, tokio::task::JoinHandle<anyhow::Result<u64>>) {
+    let (sender, mut receiver) = mpsc::channel::<DecodeJob>(2);
+    let task = tokio::spawn(async move {
+        let mut undecodable = 0u64;
+        while let Some((range, messages)) = receiver.recv().await {
+            let (rows, skipped) = tokio::task::spawn_blocking(move || {
+                let mut rows = Rows::default();
+                let mut skipped = 0u64;
+                for (sequence, partition, payload) in messages {
+                    match decode(&payload) {
+                        Ok(event) => crate::partition::push_event(&mut rows, event, partition, sequence),
+                        Err(_) => skipped += 1,
+                    }
+                }
+                (rows, skipped)
+            })
+            .await
+            .map_err(|error| anyhow::anyhow!("decoding: {error}"))?;
+            undecodable += skipped;
+            if !rows.is_empty() {
+                inserter.send((range, rows)).await.map_err(|_| anyhow::anyhow!("the insert task stopped"))?;
+            }
+        }
+        Ok(undecodable)
+    });
+    (sender, task)
+}
 
 /// Inserts batches on their own task, so reading and decoding go on while ClickHouse writes.
 fn spawn_inserter(sink: Sink) -> (mpsc::Sender<InsertJob>, tokio::task::JoinHandle<anyhow::Result<()>>) {
@@ -533,12 +572,13 @@ struct Reader<'a> {
     from_seq: u64,
     /// Highest sequence read and decided on.
     last_read: u64,
+    /// Events without a partition token (not the projector's; the live projection skips them).
     skipped: u64,
-    rows: Rows,
+    raw: Vec<(u64, u16, bytes::Bytes)>,
     batch_first: Option<u64>,
     batch_started: Instant,
     batch_rows: usize,
-    sender: mpsc::Sender<InsertJob>,
+    decoder: mpsc::Sender<DecodeJob>,
     target_seq: u64,
 }
 
@@ -587,7 +627,11 @@ impl Reader<'_> {
             }
             let next = self.next(CHECKPOINT_REFRESH).await?;
             let Some((sequence, partition, message)) = next else {
-                if stalled_since.get_or_insert_with(Instant::now).elapsed() >= STALL_BEFORE_PAUSE {
+                // Nothing more in the stream: caught up with its head, so pause now.
+                self.refresh_target().await?;
+                if self.last_read >= self.target_seq
+                    || stalled_since.get_or_insert_with(Instant::now).elapsed() >= STALL_BEFORE_PAUSE
+                {
                     return Ok(());
                 }
                 continue;
@@ -650,14 +694,9 @@ impl Reader<'_> {
             self.skipped += 1;
             return Ok(());
         };
-        match decode(&message.payload) {
-            Ok(event) => {
-                crate::partition::push_event(&mut self.rows, event, partition, sequence);
-                self.batch_first.get_or_insert(sequence);
-            }
-            Err(_) => self.skipped += 1,
-        }
-        if self.rows.len() >= self.batch_rows || self.batch_started.elapsed() >= Duration::from_secs(2) {
+        self.raw.push((sequence, partition, message.payload.clone()));
+        self.batch_first.get_or_insert(sequence);
+        if self.raw.len() >= self.batch_rows || self.batch_started.elapsed() >= Duration::from_secs(2) {
             self.flush().await?;
         }
         if sequence.is_multiple_of(4096) {
@@ -666,13 +705,13 @@ impl Reader<'_> {
         Ok(())
     }
 
-    /// Hands the batch to the insert task.
+    /// Hands the batch to the decode task (which hands it on to the insert task).
     async fn flush(&mut self) -> anyhow::Result<()> {
         self.batch_started = Instant::now();
         let Some(first) = self.batch_first.take() else { return Ok(()) };
-        let rows = std::mem::take(&mut self.rows);
+        let raw = std::mem::replace(&mut self.raw, Vec::with_capacity(self.batch_rows));
         let range = PendingBatch { first, last: self.last_read };
-        self.sender.send((range, rows)).await.map_err(|_| anyhow::anyhow!("the insert task stopped"))?;
+        self.decoder.send((range, raw)).await.map_err(|_| anyhow::anyhow!("the decode task stopped"))?;
         self.report();
         Ok(())
     }
