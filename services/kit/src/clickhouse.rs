@@ -1,10 +1,10 @@
 //! ClickHouse client and migrations. Works the same against a ClickHouse server and against the
 //! embedded chDB endpoint of the local stack: it uses only the HTTP interface's common ground.
 
-use clickhouse::Client;
+use clickhouse::{Client, Compression};
 use serde::Deserialize;
 
-use crate::config::StoneConfig;
+use crate::config::{ClickHouseCompression, StoneConfig};
 use crate::dependency::DependencyError;
 use crate::migrations::{CLICKHOUSE, checksum, statements};
 
@@ -15,8 +15,30 @@ pub fn client(config: &StoneConfig) -> Client {
 
 /// A client without a default database (to create it).
 fn server_client(config: &StoneConfig) -> Client {
-    let client = Client::default().with_url(&config.clickhouse_url).with_user(&config.clickhouse_user);
+    let compression = match config.clickhouse_compression {
+        ClickHouseCompression::Lz4 => Compression::Lz4,
+        ClickHouseCompression::None => Compression::None,
+        ClickHouseCompression::Auto if on_this_host(&config.clickhouse_url) => Compression::None,
+        ClickHouseCompression::Auto => Compression::Lz4,
+    };
+    let client = Client::default()
+        .with_url(&config.clickhouse_url)
+        .with_user(&config.clickhouse_user)
+        .with_compression(compression);
     if config.clickhouse_password.0.is_empty() { client } else { client.with_password(&config.clickhouse_password.0) }
+}
+
+/// Whether the URL's host is a loopback name or address.
+fn on_this_host(url: &str) -> bool {
+    let after_scheme = url.split_once("://").map_or(url, |(_, rest)| rest);
+    let authority = after_scheme.split(['/', '?']).next().unwrap_or_default();
+    let host_port = authority.rsplit_once('@').map_or(authority, |(_, host)| host);
+    let host = if let Some(bracketed) = host_port.strip_prefix('[') {
+        bracketed.split(']').next().unwrap_or_default()
+    } else {
+        host_port.split(':').next().unwrap_or_default()
+    };
+    host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|address| address.is_loopback())
 }
 
 /// Checks that the server answers.
@@ -88,4 +110,18 @@ pub async fn migrate(config: &StoneConfig) -> anyhow::Result<usize> {
         count += 1;
     }
     Ok(count)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loopback_hosts_are_recognised() {
+        assert!(on_this_host("http://127.0.0.1:8123"));
+        assert!(on_this_host("http://localhost:8123/"));
+        assert!(on_this_host("http://user:pw@[::1]:8123"));
+        assert!(!on_this_host("https://clickhouse.internal:8443"));
+        assert!(!on_this_host("http://10.0.0.5:8123"));
+    }
 }

@@ -40,6 +40,9 @@ pub struct StoneConfig {
     pub clickhouse_database: String,
     pub clickhouse_user: String,
     pub clickhouse_password: Secret,
+    /// Compression of ClickHouse request and response bodies: `lz4`, `none`, or `auto` (none
+    /// when the server is on this host, where compressing only costs CPU; LZ4 otherwise).
+    pub clickhouse_compression: ClickHouseCompression,
     pub redis_url: String,
     /// Partitions of the EVENTS subjects; projector instances split them between themselves.
     pub partitions: u16,
@@ -62,6 +65,7 @@ impl Default for StoneConfig {
             clickhouse_database: "stone".to_owned(),
             clickhouse_user: "default".to_owned(),
             clickhouse_password: Secret::default(),
+            clickhouse_compression: ClickHouseCompression::Auto,
             redis_url: "redis://127.0.0.1:6379".to_owned(),
             partitions: stone_events::subjects::DEFAULT_PARTITIONS,
             shutdown_grace_ms: 10_000,
@@ -249,6 +253,16 @@ impl Default for ProxyTlsConfig {
     fn default() -> Self {
         Self { listen: SocketAddr::from(([127, 0, 0, 1], 8443)), cert_path: PathBuf::new(), key_path: PathBuf::new() }
     }
+}
+
+/// See [`StoneConfig::clickhouse_compression`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClickHouseCompression {
+    #[default]
+    Auto,
+    Lz4,
+    None,
 }
 
 /// Source of a worker's routing configuration.
