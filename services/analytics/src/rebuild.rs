@@ -121,20 +121,13 @@ impl Rebuilder {
         options: &RebuildOptions,
         cancel: &CancellationToken,
     ) -> anyhow::Result<RebuildSummary> {
-        let outcome = tokio::select! {
-            outcome = self.run(tracker, options) => outcome,
-            () = cancel.cancelled() => Err(anyhow::anyhow!("cancelled (shutdown)")),
-        };
+        let outcome = stone_kit::rebuild::until_cancelled(self.run(tracker, options), cancel).await;
         if outcome.is_err() {
             self.drop_shadow().await.ok();
         }
-        let recorded = outcome.as_ref().map(|_| ()).map_err(|error| anyhow::anyhow!("{error:#}"));
-        if let Err(error) = tracker.finish(&recorded).await {
-            tracing::warn!(%error, "cannot record the rebuild's outcome");
-        }
-        match &outcome {
-            Ok(summary) => tracing::info!(events = summary.events, tables = ?summary.tables, "analytics rebuild done"),
-            Err(error) => tracing::warn!(error = %format!("{error:#}"), "analytics rebuild failed"),
+        let outcome = tracker.settle(outcome).await;
+        if let Ok(summary) = &outcome {
+            tracing::info!(events = summary.events, tables = ?summary.tables, "analytics rebuild done");
         }
         outcome
     }

@@ -98,6 +98,7 @@ pub async fn open_bucket(js: &async_nats::jetstream::Context, bucket: &str, repl
         bucket,
         "Proxy Stone analytics projector: partition leases and checkpoints",
         std::time::Duration::ZERO,
+        async_nats::jetstream::stream::StorageType::File,
         replicas,
     )
     .await

@@ -69,22 +69,13 @@ impl ConfigRebuilder {
 
     /// Runs a claimed rebuild to its end and records the outcome.
     pub async fn execute(&self, tracker: &Tracker, cancel: &CancellationToken) -> anyhow::Result<ConfigRebuildSummary> {
-        let outcome = tokio::select! {
-            outcome = self.run(tracker) => outcome,
-            () = cancel.cancelled() => Err(anyhow::anyhow!("cancelled (shutdown)")),
-        };
+        let outcome = stone_kit::rebuild::until_cancelled(self.run(tracker), cancel).await;
         if outcome.is_err() {
             self.drop_shadow().await.ok();
         }
-        let recorded = outcome.as_ref().map(|_| ()).map_err(|error| anyhow::anyhow!("{error:#}"));
-        if let Err(error) = tracker.finish(&recorded).await {
-            tracing::warn!(%error, "cannot record the rebuild's outcome");
-        }
-        match &outcome {
-            Ok(summary) => {
-                tracing::info!(events = summary.events, checkpoint = summary.checkpoint, "config rebuild done")
-            }
-            Err(error) => tracing::warn!(error = %format!("{error:#}"), "config rebuild failed"),
+        let outcome = tracker.settle(outcome).await;
+        if let Ok(summary) = &outcome {
+            tracing::info!(events = summary.events, checkpoint = summary.checkpoint, "config rebuild done");
         }
         outcome
     }

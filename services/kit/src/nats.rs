@@ -88,12 +88,14 @@ pub async fn connect_and_provision(
 /// The bucket's stream is created directly with the KV conventions (`KV_<bucket>`, subjects
 /// `$KV.<bucket>.>`, one message per key) because async-nats' `create_key_value` sends fields
 /// that nats-server 2.9 answers in a shape the client cannot parse. `max_age` of zero keeps
-/// values forever (checkpoints); a TTL makes keys lapse (heartbeats).
+/// values forever (checkpoints); a TTL makes keys lapse (heartbeats), and such short-lived values
+/// can live in memory.
 pub async fn open_kv(
     js: &jetstream::Context,
     bucket: &str,
     description: &str,
     max_age: Duration,
+    storage: stream::StorageType,
     replicas: usize,
 ) -> anyhow::Result<jetstream::kv::Store> {
     if let Ok(store) = js.get_key_value(bucket).await {
@@ -105,7 +107,7 @@ pub async fn open_kv(
         subjects: vec![format!("$KV.{bucket}.>")],
         max_messages_per_subject: 1,
         max_age,
-        storage: stream::StorageType::File,
+        storage,
         discard: stream::DiscardPolicy::New,
         num_replicas: replicas.max(1),
         allow_rollup: true,

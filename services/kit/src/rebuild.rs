@@ -133,6 +133,7 @@ pub async fn open(
         &namespace.bucket_name(BUCKET),
         "Proxy Stone projection rebuilds: progress, lock and pause signal",
         Duration::ZERO,
+        async_nats::jetstream::stream::StorageType::File,
         replicas,
     )
     .await
@@ -152,6 +153,17 @@ async fn read_versioned(store: &kv::Store, projection: &str) -> anyhow::Result<O
             Ok(Some((status, entry.revision)))
         }
         _ => Ok(None),
+    }
+}
+
+/// Runs a rebuild's work until it ends or `cancel` fires (shutdown), which fails it.
+pub async fn until_cancelled<T>(
+    work: impl std::future::Future<Output = anyhow::Result<T>>,
+    cancel: &CancellationToken,
+) -> anyhow::Result<T> {
+    tokio::select! {
+        outcome = work => outcome,
+        () = cancel.cancelled() => Err(anyhow::anyhow!("cancelled (shutdown)")),
     }
 }
 
@@ -295,6 +307,18 @@ impl Writer {
             inner.dirty = true;
         }
         self.flush().await
+    }
+
+    /// Records `outcome` as the rebuild's end (logging a failure) and hands it back.
+    pub async fn settle<T>(&self, outcome: anyhow::Result<T>) -> anyhow::Result<T> {
+        let recorded = outcome.as_ref().map(|_| ()).map_err(|error| anyhow::anyhow!("{error:#}"));
+        if let Err(error) = self.finish(&recorded).await {
+            tracing::warn!(%error, "cannot record the rebuild's outcome");
+        }
+        if let Err(error) = &outcome {
+            tracing::warn!(projection = %self.key, error = %format!("{error:#}"), "rebuild failed");
+        }
+        outcome
     }
 
     /// Ends the rebuild: `Done`, or `Failed` with the error. Lifts any pause.

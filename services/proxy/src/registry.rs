@@ -38,31 +38,18 @@ pub struct WorkerRecord {
     pub events_pending: u64,
 }
 
-/// Opens the bucket, creating it on first use.
-///
-/// The bucket's stream is created directly with the KV conventions (`KV_<bucket>`, subjects
-/// `$KV.<bucket>.>`, one message per key) because async-nats' `create_key_value` sends fields
-/// that nats-server 2.9 answers in a shape the client cannot parse.
+/// Opens the bucket, creating it on first use: in memory, one record per live worker, each
+/// lapsing after [`RECORD_TTL`] without a heartbeat.
 pub async fn open_bucket(js: &jetstream::Context, name: &str) -> anyhow::Result<kv::Store> {
-    if let Ok(store) = js.get_key_value(name).await {
-        return Ok(store);
-    }
-    js.get_or_create_stream(jetstream::stream::Config {
-        name: format!("KV_{name}"),
-        description: Some("Proxy Stone workers, one record per live worker".to_owned()),
-        subjects: vec![format!("$KV.{name}.>")],
-        max_messages_per_subject: 1,
-        max_age: RECORD_TTL,
-        storage: jetstream::stream::StorageType::Memory,
-        discard: jetstream::stream::DiscardPolicy::New,
-        allow_rollup: true,
-        deny_delete: true,
-        allow_direct: true,
-        ..Default::default()
-    })
+    stone_kit::nats::open_kv(
+        js,
+        name,
+        "Proxy Stone workers, one record per live worker",
+        RECORD_TTL,
+        jetstream::stream::StorageType::Memory,
+        1,
+    )
     .await
-    .map_err(|error| anyhow::anyhow!("cannot create KV bucket {name}: {error}"))?;
-    js.get_key_value(name).await.map_err(|error| anyhow::anyhow!("cannot open KV bucket {name}: {error}"))
 }
 
 /// Keys allow fewer characters than worker ids.
