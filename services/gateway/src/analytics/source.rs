@@ -1,12 +1,14 @@
 //! Where an analytics question is answered: the per-hour or per-minute rollup when the range
 //! falls on its bucket boundaries (the rollup then holds exactly the range's requests, at a
-//! fraction of the rows), the raw `requests` table otherwise. One list of aggregate columns per
-//! source, so every endpoint computes its numbers the same way.
+//! fraction of the rows); for a longer range that does not (`from=-6h`), the per-minute rollup
+//! for its whole minutes and raw rows for the partial minutes at either end; the raw `requests`
+//! table for short ranges. One list of aggregate columns per source, so every endpoint computes
+//! its numbers the same way.
 
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use super::filter::TimeColumn;
+use super::filter::{AnalyticsFilter, TimeColumn, WhereClause};
 use crate::time_range::TimeRange;
 
 /// The table a response was computed from.
@@ -19,6 +21,9 @@ pub enum Source {
     Minute,
     /// `requests_1h`: per-hour rollup; t-digest quantiles.
     Hour,
+    /// `requests_1m` for the range's whole minutes and `requests` for the partial minutes at its
+    /// ends, merged (t-digest quantiles).
+    MinuteAndRaw,
 }
 
 /// Aggregate columns over `requests`; the names match [`AggregateRow`].
@@ -45,6 +50,11 @@ const ROLLUP_AGGREGATES: &str = "sum(rollup.requests) AS requests, \
      AS latency_quantiles";
 
 const MINUTE_MICROS: i64 = 60_000_000;
+/// Below this many whole minutes a range is answered from raw rows alone.
+const MIXED_MIN_MINUTES: i64 = 10;
+/// The columns both parts of [`Source::MinuteAndRaw`] provide: every dimension and what
+/// [`ROLLUP_AGGREGATES`] reads.
+const MIXED_DIMENSIONS: &str = "route, path_template, upstream, consumer, status, cache";
 const HOUR_MICROS: i64 = 3_600_000_000;
 
 impl Source {
@@ -69,7 +79,7 @@ impl Source {
     pub fn table(self) -> &'static str {
         match self {
             Self::Raw => "requests",
-            Self::Minute => "requests_1m AS rollup",
+            Self::Minute | Self::MinuteAndRaw => "requests_1m AS rollup",
             Self::Hour => "requests_1h AS rollup",
         }
     }
@@ -77,7 +87,7 @@ impl Source {
     pub fn time_column(self) -> TimeColumn {
         match self {
             Self::Raw => TimeColumn::Time,
-            Self::Minute | Self::Hour => TimeColumn::Bucket,
+            Self::Minute | Self::Hour | Self::MinuteAndRaw => TimeColumn::Bucket,
         }
     }
 
@@ -85,16 +95,79 @@ impl Source {
     pub fn time_expression(self) -> &'static str {
         match self {
             Self::Raw => "time",
-            Self::Minute | Self::Hour => "bucket",
+            Self::Minute | Self::Hour | Self::MinuteAndRaw => "bucket",
         }
     }
 
     pub fn aggregates(self) -> &'static str {
         match self {
             Self::Raw => RAW_AGGREGATES,
-            Self::Minute | Self::Hour => ROLLUP_AGGREGATES,
+            Self::Minute | Self::Hour | Self::MinuteAndRaw => ROLLUP_AGGREGATES,
         }
     }
+}
+
+/// How a filtered question over one range is answered: `SELECT {aggregates} FROM {from} WHERE
+/// {clause.sql}`, binding `clause.values` (which include those of a subquery in `from`, in order).
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub source: Source,
+    pub from: String,
+    pub clause: WhereClause,
+}
+
+impl Plan {
+    /// The cheapest exact way to answer `filter` (see the module's text).
+    pub fn for_filter(filter: &AnalyticsFilter) -> Self {
+        let source = Source::for_range(&filter.range);
+        if source == Source::Raw
+            && let Some(plan) = Self::minute_and_raw(filter)
+        {
+            return plan;
+        }
+        Self { source, from: source.table().to_owned(), clause: filter.where_clause_on(source.time_column()) }
+    }
+
+    /// Whole minutes from `requests_1m`, the partial minutes at the ends from raw rows, as one
+    /// table shaped like the rollup.
+    fn minute_and_raw(filter: &AnalyticsFilter) -> Option<Self> {
+        let (from, to) = (filter.range.from_unix_micros(), filter.range.to_unix_micros());
+        let first_minute = from.div_euclid(MINUTE_MICROS) * MINUTE_MICROS
+            + if from.rem_euclid(MINUTE_MICROS) == 0 { 0 } else { MINUTE_MICROS };
+        let last_minute = to.div_euclid(MINUTE_MICROS) * MINUTE_MICROS;
+        if last_minute - first_minute < MIXED_MIN_MINUTES * MINUTE_MICROS {
+            return None;
+        }
+        let part = |start: i64, end: i64| -> Option<AnalyticsFilter> {
+            let range = TimeRange::new(instant(start)?, instant(end)?).ok()?;
+            Some(AnalyticsFilter { range, ..filter.clone() })
+        };
+        let interior = part(first_minute, last_minute)?.where_clause_on(TimeColumn::Bucket);
+        let mut sql = format!(
+            "(SELECT {MIXED_DIMENSIONS}, requests, bytes_in, bytes_out, latency_us FROM requests_1m WHERE {}",
+            interior.sql
+        );
+        let mut values = interior.values;
+        for (start, end) in [(from, first_minute), (last_minute, to)] {
+            if start >= end {
+                continue;
+            }
+            let edge = part(start, end)?.where_clause_on(TimeColumn::Time);
+            sql.push_str(&format!(
+                " UNION ALL SELECT {MIXED_DIMENSIONS}, count() AS requests, sum(bytes_in) AS bytes_in, \
+                 sum(bytes_out) AS bytes_out, quantilesTDigestState(0.5, 0.9, 0.95, 0.99)(total_us) AS latency_us \
+                 FROM requests WHERE {} GROUP BY {MIXED_DIMENSIONS}",
+                edge.sql
+            ));
+            values.extend(edge.values);
+        }
+        sql.push_str(") AS rollup");
+        Some(Self { source: Source::MinuteAndRaw, from: sql, clause: WhereClause { sql: "1".to_owned(), values } })
+    }
+}
+
+fn instant(micros: i64) -> Option<time::OffsetDateTime> {
+    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(micros) * 1_000).ok()
 }
 
 /// The aggregate columns as read; every endpoint's row embeds these by name.

@@ -9,7 +9,7 @@ use time::OffsetDateTime;
 use utoipa::ToSchema;
 
 use super::filter::{AnalyticsFilter, AnalyticsQuery};
-use super::source::{Source, ratio};
+use super::source::{Plan, Source, ratio};
 use crate::AppState;
 use crate::error::{ApiError, ErrorBody};
 
@@ -54,7 +54,8 @@ pub struct Summary {
     /// cache. Stale, revalidated, bypassed and uncacheable requests count in neither.
     pub cache_hit_ratio: Option<f64>,
     /// The table that answered: a rollup when `from` and `to` fall on its bucket boundaries
-    /// (whole minutes or hours), raw rows otherwise.
+    /// (whole minutes or hours); for longer unaligned ranges the minute rollup plus raw rows for
+    /// the partial minutes at the ends (`minute_and_raw`); raw rows for short ranges.
     pub source: Source,
 }
 
@@ -87,11 +88,10 @@ pub async fn summary(
     let Query(pairs) =
         query.map_err(|rejection| ApiError::InvalidParameter { field: None, message: rejection.body_text() })?;
     let filter = AnalyticsFilter::from_pairs(&pairs, OffsetDateTime::now_utc())?;
-    let source = Source::for_range(&filter.range);
-    let clause = filter.where_clause_on(source.time_column());
-    let sql = format!("SELECT {} FROM {} WHERE {}", source.aggregates(), source.table(), clause.sql);
-    let row: SummaryRow = super::fetch_one(clause.bind_to(state.clickhouse.query(&sql))).await?;
-    Ok(Json(Summary::from_row(&filter, source, row)))
+    let plan = Plan::for_filter(&filter);
+    let sql = format!("SELECT {} FROM {} WHERE {}", plan.source.aggregates(), plan.from, plan.clause.sql);
+    let row: SummaryRow = super::fetch_one(plan.clause.bind_to(state.clickhouse.query(&sql))).await?;
+    Ok(Json(Summary::from_row(&filter, plan.source, row)))
 }
 
 impl Summary {

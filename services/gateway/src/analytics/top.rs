@@ -9,7 +9,7 @@ use time::OffsetDateTime;
 use utoipa::{IntoParams, ToSchema};
 
 use super::filter::{AnalyticsFilter, AnalyticsQuery, SqlValue};
-use super::source::{Aggregates, Metrics, Source};
+use super::source::{Aggregates, Metrics, Plan, Source};
 use super::timeseries::Dimension;
 use crate::AppState;
 use crate::error::{ApiError, ErrorBody};
@@ -108,13 +108,11 @@ pub async fn top(
     let order = extra.choice("order", Order::Requests, &order_choices)?;
     let limit = extra.integer("limit", 10, 1..=100)?;
 
-    let source = Source::for_range(&filter.range);
-    let mut clause = filter.where_clause_on(source.time_column());
+    let Plan { source, from, mut clause } = Plan::for_filter(&filter);
     let sql = format!(
-        "SELECT {key} AS key, {aggregates} FROM {table} WHERE {condition} GROUP BY key ORDER BY {order}, key LIMIT ?",
+        "SELECT {key} AS key, {aggregates} FROM {from} WHERE {condition} GROUP BY key ORDER BY {order}, key LIMIT ?",
         key = by.expression(),
         aggregates = source.aggregates(),
-        table = source.table(),
         condition = clause.sql,
         order = order.expression(),
     );
