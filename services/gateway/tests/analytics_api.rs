@@ -218,9 +218,10 @@ async fn rollups_and_raw_rows_give_the_same_exact_numbers() -> TestResult {
         let from = (app.hour + time::Duration::seconds(1)).format(&Rfc3339)?;
         let to = (app.hour + time::Duration::minutes(60)).format(&Rfc3339)?;
         // An unaligned hour: whole minutes from the minute rollup, the partial first minute from
-        // raw rows, merged — the same exact numbers as raw rows alone.
+        // raw rows, merged — the same exact numbers as raw rows alone. (Longer ranges take their
+        // whole hours from the hourly rollup as well; see the unit test in source.rs.)
         let mixed = app.ok(&format!("/v1/analytics/summary?from={from}&to={to}")).await?;
-        assert_eq!((mixed["source"].as_str(), mixed["requests"].as_u64()), (Some("minute_and_raw"), Some(299)));
+        assert_eq!((mixed["source"].as_str(), mixed["requests"].as_u64()), (Some("mixed"), Some(299)));
         assert_eq!(mixed["cache_hits"].as_u64(), Some(149));
         assert!(mixed["latency_us"]["p99"].as_f64().is_some(), "{mixed}");
         // A short unaligned range is raw rows alone; with the aligned rest it adds up again.
@@ -231,7 +232,7 @@ async fn rollups_and_raw_rows_give_the_same_exact_numbers() -> TestResult {
         assert_eq!(rest["source"], "minute");
         assert_eq!(raw["requests"].as_u64().unwrap() + rest["requests"].as_u64().unwrap(), 299);
         let top = app.ok(&format!("/v1/analytics/top?from={from}&to={to}&by=status_class")).await?;
-        assert_eq!(top["source"], "minute_and_raw");
+        assert_eq!(top["source"], "mixed");
         let top_total: u64 =
             top["entries"].as_array().unwrap().iter().map(|entry| entry["requests"].as_u64().unwrap()).sum();
         assert_eq!(top_total, 299, "{top}");
@@ -262,7 +263,7 @@ async fn rollups_and_raw_rows_give_the_same_exact_numbers() -> TestResult {
         // Index multiples of 10 are 503s: 0, 10, 20 ... → routes users (i%3==0), orders, search in turn.
         assert_eq!(entries.iter().map(|entry| entry["errors"].as_u64().unwrap()).sum::<u64>(), 20);
         let raw_top = app.ok(&format!("/v1/analytics/top?from={from}&to={to}&by=path_template&order=requests")).await?;
-        assert_eq!(raw_top["source"], "minute_and_raw");
+        assert_eq!(raw_top["source"], "mixed");
         assert_eq!(raw_top["entries"].as_array().unwrap().len(), 3);
         let p99 = app.ok(&format!("/v1/analytics/top?{}&by=status&order=p99", app.range(60)?)).await?;
         assert!(p99["entries"][0]["p99_us"].as_f64().is_some(), "{p99}");

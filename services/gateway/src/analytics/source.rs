@@ -1,8 +1,8 @@
 //! Where an analytics question is answered: the per-hour or per-minute rollup when the range
 //! falls on its bucket boundaries (the rollup then holds exactly the range's requests, at a
-//! fraction of the rows); for a longer range that does not (`from=-6h`), the per-minute rollup
-//! for its whole minutes and raw rows for the partial minutes at either end; the raw `requests`
-//! table for short ranges. One list of aggregate columns per source, so every endpoint computes
+//! fraction of the rows); for a longer range that does not (`from=-6h`), the hourly rollup for
+//! its whole hours, the per-minute rollup for the whole minutes around them and raw rows for the
+//! partial minutes at either end; the raw `requests` table for short ranges. One list of aggregate columns per source, so every endpoint computes
 //! its numbers the same way.
 
 use serde::{Deserialize, Serialize};
@@ -21,9 +21,9 @@ pub enum Source {
     Minute,
     /// `requests_1h`: per-hour rollup; t-digest quantiles.
     Hour,
-    /// `requests_1m` for the range's whole minutes and `requests` for the partial minutes at its
-    /// ends, merged (t-digest quantiles).
-    MinuteAndRaw,
+    /// `requests_1h` for the range's whole hours, `requests_1m` for the whole minutes around
+    /// them and `requests` for the partial minutes at its ends, merged (t-digest quantiles).
+    Mixed,
 }
 
 /// Aggregate columns over `requests`; the names match [`AggregateRow`].
@@ -52,7 +52,7 @@ const ROLLUP_AGGREGATES: &str = "sum(rollup.requests) AS requests, \
 const MINUTE_MICROS: i64 = 60_000_000;
 /// Below this many whole minutes a range is answered from raw rows alone.
 const MIXED_MIN_MINUTES: i64 = 10;
-/// The columns both parts of [`Source::MinuteAndRaw`] provide: every dimension and what
+/// The columns every part of [`Source::Mixed`] provides: every dimension and what
 /// [`ROLLUP_AGGREGATES`] reads.
 const MIXED_DIMENSIONS: &str = "route, path_template, upstream, consumer, status, cache";
 const HOUR_MICROS: i64 = 3_600_000_000;
@@ -79,7 +79,7 @@ impl Source {
     pub fn table(self) -> &'static str {
         match self {
             Self::Raw => "requests",
-            Self::Minute | Self::MinuteAndRaw => "requests_1m AS rollup",
+            Self::Minute | Self::Mixed => "requests_1m AS rollup",
             Self::Hour => "requests_1h AS rollup",
         }
     }
@@ -87,7 +87,7 @@ impl Source {
     pub fn time_column(self) -> TimeColumn {
         match self {
             Self::Raw => TimeColumn::Time,
-            Self::Minute | Self::Hour | Self::MinuteAndRaw => TimeColumn::Bucket,
+            Self::Minute | Self::Hour | Self::Mixed => TimeColumn::Bucket,
         }
     }
 
@@ -95,14 +95,14 @@ impl Source {
     pub fn time_expression(self) -> &'static str {
         match self {
             Self::Raw => "time",
-            Self::Minute | Self::Hour | Self::MinuteAndRaw => "bucket",
+            Self::Minute | Self::Hour | Self::Mixed => "bucket",
         }
     }
 
     pub fn aggregates(self) -> &'static str {
         match self {
             Self::Raw => RAW_AGGREGATES,
-            Self::Minute | Self::Hour | Self::MinuteAndRaw => ROLLUP_AGGREGATES,
+            Self::Minute | Self::Hour | Self::Mixed => ROLLUP_AGGREGATES,
         }
     }
 }
@@ -121,48 +121,65 @@ impl Plan {
     pub fn for_filter(filter: &AnalyticsFilter) -> Self {
         let source = Source::for_range(&filter.range);
         if source == Source::Raw
-            && let Some(plan) = Self::minute_and_raw(filter)
+            && let Some(plan) = Self::mixed(filter)
         {
             return plan;
         }
         Self { source, from: source.table().to_owned(), clause: filter.where_clause_on(source.time_column()) }
     }
 
-    /// Whole minutes from `requests_1m`, the partial minutes at the ends from raw rows, as one
-    /// table shaped like the rollup.
-    fn minute_and_raw(filter: &AnalyticsFilter) -> Option<Self> {
+    /// Whole hours from `requests_1h`, the whole minutes around them from `requests_1m`, the
+    /// partial minutes at the ends from raw rows: one table shaped like a rollup.
+    fn mixed(filter: &AnalyticsFilter) -> Option<Self> {
         let (from, to) = (filter.range.from_unix_micros(), filter.range.to_unix_micros());
-        let first_minute = from.div_euclid(MINUTE_MICROS) * MINUTE_MICROS
-            + if from.rem_euclid(MINUTE_MICROS) == 0 { 0 } else { MINUTE_MICROS };
-        let last_minute = to.div_euclid(MINUTE_MICROS) * MINUTE_MICROS;
+        let ceil =
+            |value: i64, unit: i64| value.div_euclid(unit) * unit + if value.rem_euclid(unit) == 0 { 0 } else { unit };
+        let floor = |value: i64, unit: i64| value.div_euclid(unit) * unit;
+        let (first_minute, last_minute) = (ceil(from, MINUTE_MICROS), floor(to, MINUTE_MICROS));
         if last_minute - first_minute < MIXED_MIN_MINUTES * MINUTE_MICROS {
             return None;
         }
-        let part = |start: i64, end: i64| -> Option<AnalyticsFilter> {
-            let range = TimeRange::new(instant(start)?, instant(end)?).ok()?;
-            Some(AnalyticsFilter { range, ..filter.clone() })
-        };
-        let interior = part(first_minute, last_minute)?.where_clause_on(TimeColumn::Bucket);
-        let mut sql = format!(
-            "(SELECT {MIXED_DIMENSIONS}, requests, bytes_in, bytes_out, latency_us FROM requests_1m WHERE {}",
-            interior.sql
-        );
-        let mut values = interior.values;
-        for (start, end) in [(from, first_minute), (last_minute, to)] {
+        let (first_hour, last_hour) = (ceil(first_minute, HOUR_MICROS), floor(last_minute, HOUR_MICROS));
+        let mut parts: Vec<(&str, i64, i64)> = Vec::new();
+        if first_hour < last_hour {
+            parts.push(("requests_1h", first_hour, last_hour));
+            parts.push(("requests_1m", first_minute, first_hour));
+            parts.push(("requests_1m", last_hour, last_minute));
+        } else {
+            parts.push(("requests_1m", first_minute, last_minute));
+        }
+        parts.push(("requests", from, first_minute));
+        parts.push(("requests", last_minute, to));
+
+        let mut selects = Vec::new();
+        let mut values = Vec::new();
+        for (table, start, end) in parts {
             if start >= end {
                 continue;
             }
-            let edge = part(start, end)?.where_clause_on(TimeColumn::Time);
-            sql.push_str(&format!(
-                " UNION ALL SELECT {MIXED_DIMENSIONS}, count() AS requests, sum(bytes_in) AS bytes_in, \
-                 sum(bytes_out) AS bytes_out, quantilesTDigestState(0.5, 0.9, 0.95, 0.99)(total_us) AS latency_us \
-                 FROM requests WHERE {} GROUP BY {MIXED_DIMENSIONS}",
-                edge.sql
-            ));
-            values.extend(edge.values);
+            let range = TimeRange::new(instant(start)?, instant(end)?).ok()?;
+            let part = AnalyticsFilter { range, ..filter.clone() };
+            let select = if table == "requests" {
+                let clause = part.where_clause_on(TimeColumn::Time);
+                values.extend(clause.values);
+                format!(
+                    "SELECT {MIXED_DIMENSIONS}, count() AS requests, sum(bytes_in) AS bytes_in, \
+                     sum(bytes_out) AS bytes_out, quantilesTDigestState(0.5, 0.9, 0.95, 0.99)(total_us) AS latency_us \
+                     FROM requests WHERE {} GROUP BY {MIXED_DIMENSIONS}",
+                    clause.sql
+                )
+            } else {
+                let clause = part.where_clause_on(TimeColumn::Bucket);
+                values.extend(clause.values);
+                format!(
+                    "SELECT {MIXED_DIMENSIONS}, requests, bytes_in, bytes_out, latency_us FROM {table} WHERE {}",
+                    clause.sql
+                )
+            };
+            selects.push(select);
         }
-        sql.push_str(") AS rollup");
-        Some(Self { source: Source::MinuteAndRaw, from: sql, clause: WhereClause { sql: "1".to_owned(), values } })
+        let from_sql = format!("({}) AS rollup", selects.join(" UNION ALL "));
+        Some(Self { source: Source::Mixed, from: from_sql, clause: WhereClause { sql: "1".to_owned(), values } })
     }
 }
 
@@ -238,6 +255,37 @@ mod tests {
     use time::macros::datetime;
 
     use super::*;
+
+    fn filter(from: time::OffsetDateTime, to: time::OffsetDateTime) -> AnalyticsFilter {
+        let pairs = [
+            ("from".to_owned(), from.format(&time::format_description::well_known::Rfc3339).unwrap_or_default()),
+            ("to".to_owned(), to.format(&time::format_description::well_known::Rfc3339).unwrap_or_default()),
+            ("route".to_owned(), "users".to_owned()),
+        ];
+        AnalyticsFilter::from_pairs(&pairs, datetime!(2026-01-02 00:00 UTC)).unwrap_or_else(|error| panic!("{error}"))
+    }
+
+    #[test]
+    #[allow(clippy::panic)]
+    fn a_long_unaligned_range_takes_hours_minutes_and_raw_edges() {
+        let plan = Plan::for_filter(&filter(datetime!(2026-01-01 10:05:30 UTC), datetime!(2026-01-01 16:02:15 UTC)));
+        assert_eq!(plan.source, Source::Mixed);
+        // 1h [11:00, 16:00), 1m [10:06, 11:00) and [16:00, 16:02), raw [10:05:30, 10:06) and
+        // [16:02, 16:02:15): five parts, each bound by its time range and the route.
+        assert_eq!(plan.from.matches(" UNION ALL ").count(), 4, "{}", plan.from);
+        assert_eq!(plan.from.matches("FROM requests_1h ").count(), 1);
+        assert_eq!(plan.from.matches("FROM requests_1m ").count(), 2);
+        assert_eq!(plan.clause.values.len(), 5 * 3);
+        assert_eq!(plan.from.matches('?').count(), plan.clause.values.len());
+        assert_eq!(plan.clause.sql, "1");
+
+        let short = Plan::for_filter(&filter(datetime!(2026-01-01 10:05:30 UTC), datetime!(2026-01-01 10:12:00 UTC)));
+        assert_eq!((short.source, short.from.as_str()), (Source::Raw, "requests"));
+        let within_an_hour =
+            Plan::for_filter(&filter(datetime!(2026-01-01 10:05:30 UTC), datetime!(2026-01-01 10:40:00 UTC)));
+        assert_eq!(within_an_hour.source, Source::Mixed);
+        assert!(!within_an_hour.from.contains("requests_1h"), "{}", within_an_hour.from);
+    }
 
     #[test]
     fn rollups_answer_only_ranges_on_their_boundaries() -> Result<(), crate::time_range::TimeRangeError> {

@@ -54,8 +54,8 @@ pub struct Summary {
     /// cache. Stale, revalidated, bypassed and uncacheable requests count in neither.
     pub cache_hit_ratio: Option<f64>,
     /// The table that answered: a rollup when `from` and `to` fall on its bucket boundaries
-    /// (whole minutes or hours); for longer unaligned ranges the minute rollup plus raw rows for
-    /// the partial minutes at the ends (`minute_and_raw`); raw rows for short ranges.
+    /// (whole minutes or hours); for longer unaligned ranges the hour and minute rollups plus raw rows
+    /// for the partial minutes at the ends (`mixed`); raw rows for short ranges.
     pub source: Source,
 }
 
