@@ -54,6 +54,9 @@ pub const RAW_TABLES: [&str; 3] = ["requests", "cache_events", "health_events"];
 const PAUSE_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long the reader waits for the live projection before pausing it.
 const STALL_BEFORE_PAUSE: Duration = Duration::from_secs(1);
+/// Once the reader waits on the live projection with at most this many events left to the
+/// stream's head, the live projection is paused and the rest is read during the pause.
+const CATCH_UP_GAP: u64 = 20_000;
 /// How often the live checkpoints are re-read while building.
 const CHECKPOINT_REFRESH: Duration = Duration::from_millis(250);
 
@@ -632,7 +635,11 @@ impl Reader<'_> {
             let live_has_it = partition.is_none_or(|p| sequence <= committed[usize::from(p)]);
             if !live_has_it {
                 self.held = Some((sequence, partition, message));
-                if stalled_since.get_or_insert_with(Instant::now).elapsed() >= STALL_BEFORE_PAUSE {
+                // Waiting on the live projection: pause it once the rest is small, or when it does
+                // not move (under steady traffic the reader would otherwise trail it for ever).
+                if self.target_seq.saturating_sub(self.last_read) <= CATCH_UP_GAP
+                    || stalled_since.get_or_insert_with(Instant::now).elapsed() >= STALL_BEFORE_PAUSE
+                {
                     return Ok(());
                 }
                 tokio::time::sleep(Duration::from_millis(20)).await;

@@ -1,6 +1,6 @@
 //! Rebuilding the analytics projection with `stone replay analytics` (the CLI → gateway
 //! `POST /v1/projections/analytics/rebuild` → progress SSE) while the live projector runs and
-//! events keep arriving: afterwards every event is in the raw table once and every rollup agrees
+//! events keep arriving steadily until the rebuild is done: afterwards every event is in the raw table once and every rollup agrees
 //! with it — damage done to the live tables is repaired, a rollup added later (the
 //! `consumer_usage_1h` backfill example) is filled from the stream, and the record of the
 //! rebuild is visible in `GET /v1/projections`.
@@ -89,28 +89,39 @@ async fn stone_replay_rebuilds_analytics_exactly_while_the_live_projection_runs(
         let token =
             stone_gateway::auth::create_token(&pool, "operator", stone_gateway::auth::Scope::Admin).await?.token;
         let gateway_url = format!("http://{}", gateway.local_addr());
-        let replay = {
-            let gateway_url = gateway_url.clone();
-            let token = token.clone();
-            tokio::task::spawn_blocking(move || {
-                std::process::Command::new(env!("CARGO_BIN_EXE_stone"))
-                    .args(["replay", "analytics", "--plain", "--gateway", &gateway_url, "--token", &token])
-                    .env("STONE_TELEMETRY__LOG", "warn")
-                    .output()
-            })
+        let log = std::env::temp_dir().join(format!("stone-replay-{}.log", config.namespace));
+        let mut replay = std::process::Command::new(env!("CARGO_BIN_EXE_stone"))
+            .args(["replay", "analytics", "--plain", "--gateway", &gateway_url, "--token", &token])
+            .env("STONE_TELEMETRY__LOG", "warn")
+            .stderr(std::fs::File::create(&log)?)
+            .spawn()?;
+        // Events keep arriving, steadily, for as long as the rebuild runs: the rebuild must still
+        // catch up with the live projection and pause it (bounded: two minutes).
+        let mut published = 6_000u64;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+        let status = loop {
+            if let Some(status) = replay.try_wait()? {
+                break status;
+            }
+            if tokio::time::Instant::now() > deadline {
+                let _ = replay.kill();
+                panic!("stone replay did not finish within two minutes of steady traffic");
+            }
+            publish_requests(&mut publisher, published, 20, now).await?;
+            published += 20;
+            tokio::time::sleep(Duration::from_millis(20)).await;
         };
-        // Events keep arriving while the rebuild runs.
-        publish_requests(&mut publisher, 6_000, 3_000, now).await?;
-        let output = replay.await??;
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        assert!(output.status.success(), "stone replay failed: {stderr}");
+        let stderr = std::fs::read_to_string(&log)?;
+        let _ = std::fs::remove_file(&log);
+        assert!(status.success(), "stone replay failed: {stderr}");
         assert!(stderr.contains("rebuild of analytics done"), "{stderr}");
         assert!(stderr.contains("events/s"), "progress lines are printed: {stderr}");
+        let total = published;
 
         // The live projection resumed after the swap and took the rest.
-        assert_eq!(wait_for_count(&config, 9_000, Duration::from_secs(60)).await, 9_000);
-        assert_exactly_once(&config, 9_000).await?;
-        assert_eq!(usage_disagreements(&config).await?, (9_000, 0), "the usage rollup was backfilled");
+        assert_eq!(wait_for_count(&config, total, Duration::from_secs(60)).await, total);
+        assert_exactly_once(&config, total).await?;
+        assert_eq!(usage_disagreements(&config).await?, (total, 0), "the usage rollup was backfilled");
         let shadows: u64 = client
             .query(
                 "SELECT count() FROM system.tables WHERE database = currentDatabase() AND endsWith(name, '__rebuild')",
@@ -159,9 +170,9 @@ async fn stone_replay_rebuilds_analytics_exactly_while_the_live_projection_runs(
         };
         assert_eq!(record.phase, stone_kit::rebuild::Phase::Done, "{record:?}");
         assert_eq!(record.from_seq, 4_000, "{record:?}");
-        assert_eq!(record.done, 9_000 - 4_000 + 1, "only the sequences from 4,000 on were read: {record:?}");
-        assert_exactly_once(&config, 9_000).await?;
-        assert_eq!(usage_disagreements(&config).await?, (9_000, 0));
+        assert_eq!(record.done, total - 4_000 + 1, "only the sequences from 4,000 on were read: {record:?}");
+        assert_exactly_once(&config, total).await?;
+        assert_eq!(usage_disagreements(&config).await?, (total, 0));
 
         shutdown.trigger();
         let _ = shutdown.drain(Duration::from_secs(10)).await;
