@@ -305,7 +305,7 @@ impl Default for ProxyConfig {
             worker_id: String::new(),
             connect_timeout_ms: 2_000,
             upstream_timeout_ms: 30_000,
-            event_queue_capacity: 65_536,
+            event_queue_capacity: 16_384,
             publish_max_in_flight: 4_096,
             routes: Vec::new(),
             upstreams: Vec::new(),
