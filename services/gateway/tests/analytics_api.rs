@@ -10,6 +10,7 @@ use axum::http::{Request, StatusCode};
 use http_body_util::BodyExt;
 use serde::Serialize;
 use serde_json::Value;
+use stone_analytics::rows::RequestRow;
 use stone_gateway::{AppState, router};
 use stone_kit::StoneConfig;
 use stone_kit::admin::Readiness;
@@ -19,38 +20,6 @@ use tower::ServiceExt;
 use uuid::Uuid;
 
 type TestResult<T = ()> = Result<T, Box<dyn std::error::Error>>;
-
-#[derive(Debug, clickhouse::Row, Serialize)]
-struct RequestRow {
-    #[serde(with = "clickhouse::serde::uuid")]
-    event_id: Uuid,
-    #[serde(with = "clickhouse::serde::time::datetime64::micros")]
-    time: OffsetDateTime,
-    source: String,
-    config_seq: u64,
-    partition: u16,
-    stream_seq: u64,
-    method: String,
-    host: String,
-    route: String,
-    path_template: String,
-    path: String,
-    upstream: String,
-    target: String,
-    consumer: String,
-    client_ip: String,
-    protocol: String,
-    status: u16,
-    total_us: u64,
-    upstream_us: u64,
-    ttfb_us: u64,
-    bytes_in: u64,
-    bytes_out: u64,
-    cache: String,
-    error: String,
-    rate_limited: u8,
-    traceparent: String,
-}
 
 #[derive(Debug, clickhouse::Row, Serialize)]
 struct HealthRow {

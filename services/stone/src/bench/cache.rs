@@ -16,7 +16,7 @@ use std::fmt::Write as _;
 use std::io::Write as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -26,8 +26,8 @@ use http_body_util::BodyExt;
 use stone_kit::StoneConfig;
 
 use crate::bench_proxy::{
-    Guard, delete_namespace, emit_report, free_port, http_ok, parse_wrk, require, start_nginx, uuid_suffix, wait_until,
-    with_scratch_site,
+    Guard, delete_namespace, emit_report, free_port, http_ok, parse_wrk, require, run_stone_proxy, start_nginx,
+    uuid_suffix, wait_until, with_scratch_site,
 };
 
 #[derive(Debug, Args)]
@@ -119,18 +119,7 @@ fn start_stone_proxy(
         partitions = config.partitions,
         spool = dir.join("cache-spool").display(),
     );
-    std::fs::write(&config_path, toml)?;
-    let child = Command::new(std::env::current_exe()?)
-        .arg("--config")
-        .arg(&config_path)
-        .arg("proxy")
-        .env_remove("STONE_CONFIG")
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .context("starting stone proxy")?;
-    let guard = Guard(child);
-    wait_until("stone proxy", || http_ok(admin, "/readyz"))?;
+    let guard = run_stone_proxy(&config_path, &toml, admin)?;
     Ok((guard, listen, namespace))
 }
 

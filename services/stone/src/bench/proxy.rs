@@ -298,10 +298,17 @@ fn start_stone_proxy(
         partitions = config.partitions,
         spool = dir.join(format!("{name}-spool")).display(),
     );
-    std::fs::write(&config_path, toml)?;
+    let guard = run_stone_proxy(&config_path, &toml, admin)?;
+    Ok((guard, listen, namespace))
+}
+
+/// Writes `toml` to `config_path`, starts `stone proxy` from this binary with it, and waits until
+/// its admin listener reports ready.
+pub fn run_stone_proxy(config_path: &Path, toml: &str, admin: SocketAddr) -> anyhow::Result<Guard> {
+    std::fs::write(config_path, toml)?;
     let child = Command::new(std::env::current_exe()?)
         .arg("--config")
-        .arg(&config_path)
+        .arg(config_path)
         .arg("proxy")
         .env_remove("STONE_CONFIG")
         .stdout(Stdio::null())
@@ -310,7 +317,7 @@ fn start_stone_proxy(
         .context("starting stone proxy")?;
     let guard = Guard(child);
     wait_until("stone proxy", || http_ok(admin, "/readyz"))?;
-    Ok((guard, listen, namespace))
+    Ok(guard)
 }
 
 pub(crate) fn uuid_suffix() -> String {
