@@ -9,6 +9,8 @@ use clap::{Parser, Subcommand};
 use stone_kit::{Shutdown, StoneConfig};
 
 mod apply;
+#[path = "bench/baseline.rs"]
+mod bench_baseline;
 #[path = "bench/cache.rs"]
 mod bench_cache;
 #[path = "bench/pipeline.rs"]
@@ -75,6 +77,10 @@ enum BenchCommand {
     /// Projection rebuild rates (analytics against the raw JetStream read, config from 100k
     /// changes).
     Replay(bench_replay::ReplayBenchArgs),
+    /// A minimal hyper server (static answer or plain forward): the reference row the proxy and
+    /// cache benches start and measure beside nginx.
+    #[command(hide = true)]
+    HyperBaseline(bench_baseline::BaselineArgs),
 }
 
 /// mimalloc instead of glibc's malloc: the proxy allocates and frees small buffers per request
@@ -97,6 +103,7 @@ fn run() -> anyhow::Result<()> {
         Command::Bench(BenchCommand::Pipeline(args)) => return runtime.block_on(bench_pipeline::run(&config, args)),
         Command::Bench(BenchCommand::Cache(args)) => return bench_cache::run(&config, &runtime, args),
         Command::Bench(BenchCommand::Replay(args)) => return runtime.block_on(bench_replay::run(&config, args)),
+        Command::Bench(BenchCommand::HyperBaseline(args)) => return bench_baseline::run(&runtime, args),
         Command::Apply(args) => return runtime.block_on(apply::run(args)),
         Command::Replay(args) => return runtime.block_on(replay::run(args)),
         Command::Config(command) => return runtime.block_on(config_cmd::run_config(command)),

@@ -26,8 +26,8 @@ use http_body_util::BodyExt;
 use stone_kit::StoneConfig;
 
 use crate::bench_proxy::{
-    Guard, delete_namespace, emit_report, free_port, http_ok, parse_wrk, require, run_stone_proxy, start_nginx,
-    uuid_suffix, wait_until, with_scratch_site,
+    Guard, delete_namespace, emit_report, free_port, http_ok, parse_wrk, require, run_stone_proxy, start_baseline,
+    start_nginx, uuid_suffix, wait_until, with_scratch_site,
 };
 
 #[derive(Debug, Args)]
@@ -325,6 +325,10 @@ fn run_in(config: &StoneConfig, args: &CacheBenchArgs, dir: &Path) -> anyhow::Re
         drop(nginx);
     }
 
+    {
+        let (_baseline, listen) = start_baseline("static", None)?;
+        results.push(measure(args, BASELINE, listen)?);
+    }
     for (name, events) in
         [("stone proxy, in-process hits, events off", false), ("stone proxy, in-process hits, events on", true)]
     {
@@ -346,6 +350,10 @@ fn load_average() -> String {
         .map(|text| text.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
         .unwrap_or_else(|_| "unknown".to_owned())
 }
+
+/// The row of the minimal hyper server answering from memory: the same server and runtime as the
+/// proxy, no cache lookup, no events.
+const BASELINE: &str = "hyper baseline: stored 1 KiB answer, nothing else";
 
 fn report(args: &CacheBenchArgs, results: &[Measurement], load: &str) -> String {
     let find = |name: &str| results.iter().find(|measurement| measurement.name.starts_with(name));
@@ -404,6 +412,24 @@ fn report(args: &CacheBenchArgs, results: &[Measurement], load: &str) -> String 
                 stone.p99_ms / nginx.p99_ms
             );
         }
+    }
+    if let (Some(baseline), Some(nginx), Some(stone)) = (
+        find(BASELINE),
+        find("nginx proxy_cache hits, access log off"),
+        find("stone proxy, in-process hits, events off"),
+    ) {
+        let _ = writeln!(
+            text,
+            "| hyper baseline / nginx log off (the stack's ceiling) | {:.2}x | {:.2}x | |",
+            baseline.requests_per_second / nginx.requests_per_second,
+            baseline.p99_ms / nginx.p99_ms
+        );
+        let _ = writeln!(
+            text,
+            "| stone events off / hyper baseline (what the cache costs) | {:.2}x | {:.2}x | |",
+            stone.requests_per_second / baseline.requests_per_second,
+            stone.p99_ms / baseline.p99_ms
+        );
     }
     if let Some(redis) = find("stone, Redis") {
         let verdict = if redis.p99_ms < 1.0 { "met" } else { "not met" };

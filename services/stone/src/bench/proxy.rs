@@ -271,7 +271,11 @@ fn measure(
         requests_per_second,
         p99_ms,
         errors,
-        peak_rss_kib: if name.starts_with("stone") { pid.and_then(peak_rss_kib) } else { None },
+        peak_rss_kib: if name.starts_with("stone") || name.starts_with("hyper") {
+            pid.and_then(peak_rss_kib)
+        } else {
+            None
+        },
         proxy_cpu_us: if proxy.is_empty() { None } else { per_request(proxy_after.saturating_sub(proxy_before)) },
         nats_cpu_us: if nats.is_empty() { None } else { per_request(nats_after.saturating_sub(nats_before)) },
     })
@@ -318,6 +322,21 @@ pub fn run_stone_proxy(config_path: &Path, toml: &str, admin: SocketAddr) -> any
     let guard = Guard(child);
     wait_until("stone proxy", || http_ok(admin, "/readyz"))?;
     Ok(guard)
+}
+
+/// Starts the hidden `stone bench hyper-baseline` from this binary (see `bench/baseline.rs`) and
+/// waits until it answers.
+pub(crate) fn start_baseline(mode: &str, upstream: Option<SocketAddr>) -> anyhow::Result<(Guard, SocketAddr)> {
+    let listen = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+    let mut command = Command::new(std::env::current_exe()?);
+    command.args(["bench", "hyper-baseline", "--mode", mode, "--listen", &listen.to_string()]);
+    if let Some(upstream) = upstream {
+        command.args(["--upstream", &upstream.to_string()]);
+    }
+    let child = command.stdout(Stdio::null()).stderr(Stdio::inherit()).spawn().context("starting hyper-baseline")?;
+    let guard = Guard(child);
+    wait_until("hyper baseline", || http_ok(listen, "/1k"))?;
+    Ok((guard, listen))
 }
 
 pub(crate) fn uuid_suffix() -> String {
@@ -401,6 +420,10 @@ fn run_in(config: &StoneConfig, args: &ProxyBenchArgs, dir: &Path) -> anyhow::Re
         results.push(measure(args, name, listen, Some(guard.0.id()))?);
         drop(guard);
     }
+    {
+        let (guard, listen) = start_baseline("forward", Some(upstream))?;
+        results.push(measure(args, BASELINE, listen, Some(guard.0.id()))?);
+    }
     for (name, events) in [("stone proxy, events on", true), ("stone proxy, events off", false)] {
         let (guard, listen, namespace) =
             start_stone_proxy(config, dir, if events { "events-on" } else { "events-off" }, upstream, events)?;
@@ -411,6 +434,10 @@ fn run_in(config: &StoneConfig, args: &ProxyBenchArgs, dir: &Path) -> anyhow::Re
     }
     Ok(results)
 }
+
+/// The row of the minimal hyper forwarder: the same server, client and runtime as the proxy,
+/// doing nothing else.
+const BASELINE: &str = "hyper baseline: plain forward, nothing else";
 
 fn report(args: &ProxyBenchArgs, results: &[Measurement]) -> String {
     let find = |name: &str| results.iter().find(|measurement| measurement.name == name);
@@ -499,6 +526,21 @@ CPU per request is the proxy's processes' (and the local nats-server's) user + s
         ratio(on, off, false),
         ratio(on, off, true),
         cpu_ratio(on, off)
+    );
+    let baseline = find(BASELINE);
+    let _ = writeln!(
+        text,
+        "| hyper baseline / nginx log off (the stack's ceiling) | {} | {} | {} | |",
+        ratio(baseline, nginx_nolog, false),
+        ratio(baseline, nginx_nolog, true),
+        cpu_ratio(baseline, nginx_nolog)
+    );
+    let _ = writeln!(
+        text,
+        "| events off / hyper baseline (what our features cost) | {} | {} | {} | |",
+        ratio(off, baseline, false),
+        ratio(off, baseline, true),
+        cpu_ratio(off, baseline)
     );
     text
 }
