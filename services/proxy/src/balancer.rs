@@ -101,6 +101,8 @@ pub struct Target {
     pub url: String,
     pub scheme: Scheme,
     pub authority: Authority,
+    /// `Host` of requests sent to this target (the authority), built once.
+    pub host_header: http::HeaderValue,
     /// Path prefix of the target URL without a trailing `/` (often empty).
     pub base_path: String,
     pub weight: u32,
@@ -146,9 +148,12 @@ impl Upstream {
                 if target.weight == 0 || target.weight > 10_000 {
                     return Err(format!("targets: {:?}: weight must be 1..=10000", target.url));
                 }
+                let host_header = http::HeaderValue::from_str(authority.as_str())
+                    .map_err(|_| format!("targets: {:?} has a host that is not a valid header", target.url))?;
                 Ok(Target {
                     url: target.url.clone(),
                     scheme,
+                    host_header,
                     authority,
                     base_path: uri.path().trim_end_matches('/').to_owned(),
                     weight: target.weight,

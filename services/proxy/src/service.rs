@@ -245,6 +245,7 @@ impl ProxyService {
             .to_owned();
         let path = request.uri().path().to_owned();
         let bytes_in = Arc::new(AtomicU64::new(0));
+        let client_ip = client.ip().to_string();
         let mut completion = Completion {
             sink: shared.sink.clone(),
             event_id,
@@ -266,7 +267,7 @@ impl ProxyService {
                 upstream: None,
                 target: None,
                 consumer: None,
-                client_ip: Some(client.ip().to_string()),
+                client_ip: Some(client_ip.clone()),
                 protocol: protocol_name(request.version()).to_owned(),
                 status: 0,
                 total_us: 0,
@@ -363,7 +364,7 @@ impl ProxyService {
         let (mut parts, body) = request.into_parts();
         // The upstream side speaks HTTP/1.1 whatever the client spoke.
         parts.version = Version::HTTP_11;
-        prepare_request_headers(&mut parts.headers, client, &host, event_id, secure);
+        prepare_request_headers(&mut parts.headers, &client_ip, &host, &request_id_header(event_id), secure);
         if let Some(protocol) = upgrade_protocol {
             // Upgrades (WebSocket) are the one hop-by-hop exchange a proxy must carry through.
             parts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
@@ -441,7 +442,7 @@ impl ProxyService {
             strip_hop_by_hop(&mut parts.headers);
         }
         parts.headers.append(header::VIA, VIA_VALUE.clone());
-        if let Ok(value) = HeaderValue::from_str(&event_id.to_string()) {
+        if let Some(value) = request_id_header(event_id) {
             parts.headers.entry(&X_REQUEST_ID).or_insert(value);
         }
         completion.data.status = parts.status.as_u16();
@@ -544,9 +545,7 @@ impl ProxyService {
             };
             let mut attempt_parts = parts.clone();
             attempt_parts.uri = uri;
-            if let Ok(authority) = HeaderValue::from_str(target.authority.as_str()) {
-                attempt_parts.headers.insert(header::HOST, authority);
-            }
+            attempt_parts.headers.insert(header::HOST, target.host_header.clone());
             let attempt_body = match body.take() {
                 Some(streaming) => Either::Left(streaming),
                 None => Either::Right(Empty::new()),
@@ -674,7 +673,7 @@ impl ProxyService {
         completion.data.cache = served.status;
         let (mut head, body) = served.response.into_parts();
         head.headers.append(header::VIA, VIA_VALUE.clone());
-        if let Ok(value) = HeaderValue::from_str(&completion.event_id.to_string()) {
+        if let Some(value) = request_id_header(completion.event_id) {
             head.headers.entry(&X_REQUEST_ID).or_insert(value);
         }
         completion.data.status = head.status.as_u16();
@@ -745,14 +744,25 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     headers.remove(header::UPGRADE);
 }
 
-fn prepare_request_headers(headers: &mut HeaderMap, client: SocketAddr, host: &str, event_id: Uuid, secure: bool) {
+/// `X-Request-Id` for an event id, formatted without an intermediate `String`.
+fn request_id_header(event_id: Uuid) -> Option<HeaderValue> {
+    let mut buffer = Uuid::encode_buffer();
+    HeaderValue::from_str(event_id.hyphenated().encode_lower(&mut buffer)).ok()
+}
+
+fn prepare_request_headers(
+    headers: &mut HeaderMap,
+    client_ip: &str,
+    host: &str,
+    request_id: &Option<HeaderValue>,
+    secure: bool,
+) {
     strip_hop_by_hop(headers);
-    let client_ip = client.ip().to_string();
     let forwarded_for = match headers.get(&X_FORWARDED_FOR).and_then(|value| value.to_str().ok()) {
-        Some(previous) => format!("{previous}, {client_ip}"),
-        None => client_ip,
+        Some(previous) => HeaderValue::from_str(&format!("{previous}, {client_ip}")),
+        None => HeaderValue::from_str(client_ip),
     };
-    if let Ok(value) = HeaderValue::from_str(&forwarded_for) {
+    if let Ok(value) = forwarded_for {
         headers.insert(&X_FORWARDED_FOR, value);
     }
     headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static(if secure { "https" } else { "http" }));
@@ -761,9 +771,9 @@ fn prepare_request_headers(headers: &mut HeaderMap, client: SocketAddr, host: &s
     }
     headers.append(header::VIA, VIA_VALUE.clone());
     if !headers.contains_key(&X_REQUEST_ID)
-        && let Ok(value) = HeaderValue::from_str(&event_id.to_string())
+        && let Some(value) = request_id
     {
-        headers.insert(&X_REQUEST_ID, value);
+        headers.insert(&X_REQUEST_ID, value.clone());
     }
 }
 
@@ -778,12 +788,12 @@ fn local_response(
     completion.data.error = Some(kind);
     let body = serde_json::json!({ "error": { "code": kind.as_str(), "message": message } }).to_string();
     completion.ttfb_us = Some(micros(completion.started.elapsed()));
-    let request_id = completion.event_id.to_string();
+    let request_id = request_id_header(completion.event_id);
     let full = Full::new(Bytes::from(body)).map_err(|never| match never {}).boxed();
     let mut response = Response::new(MeteredBody::new(full, completion).boxed());
     *response.status_mut() = status;
     response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    if let Ok(value) = HeaderValue::from_str(&request_id) {
+    if let Some(value) = request_id {
         response.headers_mut().insert(&X_REQUEST_ID, value);
     }
     response
