@@ -1,6 +1,9 @@
 //! `GET /v1/analytics/requests`: the raw requests of a range, newest first, with every filter
 //! and keyset pagination: the cursor is the last row's `(time, event_id)`, so pages stay stable
-//! while new requests arrive and no page costs more than its own rows.
+//! while new requests arrive. `requests` is sorted by route first, so one query for the newest
+//! rows of a long range across routes reads the whole range; a page is therefore read in time
+//! slices back from its newest possible row (the last minute, 15 minutes, 2 hours, then the rest)
+//! and stops once it is full, which returns exactly what the one query would.
 
 use axum::Json;
 use axum::extract::rejection::QueryRejection;
@@ -90,6 +93,32 @@ pub struct RequestPage {
     pub next_cursor: Option<String>,
 }
 
+/// How far back from the newest possible row each slice of a search reaches, in microseconds;
+/// the last slice reaches back to the range's start.
+const SLICE_REACH_MICROS: [i64; 3] = [60_000_000, 900_000_000, 7_200_000_000];
+
+/// The time slices `[start, end)` a search reads, newest first: back from `newest` by each of
+/// [`SLICE_REACH_MICROS`], then the rest down to `oldest`. Consecutive, without overlap, and
+/// together exactly `[oldest, newest)`.
+fn slices(oldest: i64, newest: i64) -> Vec<(i64, i64)> {
+    let mut slices = Vec::new();
+    let mut end = newest;
+    for reach in SLICE_REACH_MICROS {
+        let start = newest.saturating_sub(reach);
+        if start <= oldest {
+            break;
+        }
+        if start < end {
+            slices.push((start, end));
+            end = start;
+        }
+    }
+    if oldest < end {
+        slices.push((oldest, end));
+    }
+    slices
+}
+
 /// A position in the newest-first order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Cursor {
@@ -140,10 +169,30 @@ pub async fn requests(
             [SqlValue::Int(cursor.time_us), SqlValue::Text(cursor.event_id.to_string())],
         );
     }
-    let sql = format!("SELECT {COLUMNS} FROM requests WHERE {} ORDER BY time DESC, event_id DESC LIMIT ?", clause.sql);
+    let sql = format!(
+        "SELECT {COLUMNS} FROM requests WHERE {} AND time >= fromUnixTimestamp64Micro(toInt64(?), 'UTC') \
+         AND time < fromUnixTimestamp64Micro(toInt64(?), 'UTC') ORDER BY time DESC, event_id DESC LIMIT ?",
+        clause.sql
+    );
     // One more than the page: whether it exists decides if there is a next page.
-    clause.values.push(SqlValue::UInt64(limit + 1));
-    let mut rows: Vec<RequestRow> = super::fetch_all(clause.bind_to(state.clickhouse.query(&sql))).await?;
+    let wanted = usize::try_from(limit + 1).unwrap_or(usize::MAX);
+    // The newest rows of the range lie in its last moments: read slices back from the newest
+    // possible row until the page is full. Every row of a slice is older than every row of the
+    // slices read before it, so appending keeps the order and the page is exactly what one query
+    // over the whole range returns.
+    let newest = cursor.map_or(filter.range.to_unix_micros(), |cursor| {
+        filter.range.to_unix_micros().min(cursor.time_us.saturating_add(1))
+    });
+    let mut rows: Vec<RequestRow> = Vec::new();
+    for (start, end) in slices(filter.range.from_unix_micros(), newest) {
+        let mut slice = clause.clone();
+        let missing = u64::try_from(wanted - rows.len()).unwrap_or(u64::MAX);
+        slice.values.extend([SqlValue::Int(start), SqlValue::Int(end), SqlValue::UInt64(missing)]);
+        rows.extend(super::fetch_all::<RequestRow>(slice.bind_to(state.clickhouse.query(&sql))).await?);
+        if rows.len() >= wanted {
+            break;
+        }
+    }
     let page_size = usize::try_from(limit).unwrap_or(usize::MAX);
     let has_more = rows.len() > page_size;
     rows.truncate(page_size);
@@ -186,6 +235,28 @@ impl From<RequestRow> for RequestRecord {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn slices_cover_the_range_newest_first_without_overlap() {
+        let minute = 60_000_000;
+        // Six hours: 1 min, 15 min, 2 h, then the rest.
+        let six_hours = 360 * minute;
+        assert_eq!(
+            slices(0, six_hours),
+            [
+                (six_hours - minute, six_hours),
+                (six_hours - 15 * minute, six_hours - minute),
+                (six_hours - 120 * minute, six_hours - 15 * minute),
+                (0, six_hours - 120 * minute),
+            ]
+        );
+        // Ten minutes: 1 min, then the rest.
+        assert_eq!(slices(0, 10 * minute), [(9 * minute, 10 * minute), (0, 9 * minute)]);
+        // Shorter than the first reach: one slice; empty: none.
+        assert_eq!(slices(5, 6), [(5, 6)]);
+        assert_eq!(slices(7, 7), []);
+        assert_eq!(slices(8, 7), []);
+    }
 
     #[test]
     fn cursors_round_trip_and_garbage_names_the_field() -> Result<(), ApiError> {
