@@ -244,6 +244,51 @@ async fn rollups_and_raw_rows_give_the_same_exact_numbers() -> TestResult {
 }
 
 #[tokio::test]
+async fn request_search_in_time_slices_returns_what_one_query_over_the_range_does() -> TestResult {
+    let app = TestApp::spawn().await?;
+    let outcome = async {
+        // Every 5xx of the hour across routes, newest first, as one query over the whole range.
+        let client = stone_kit::clickhouse::client(&app.config);
+        let expected: Vec<String> = client
+            .query(
+                "SELECT toString(event_id) FROM requests WHERE status >= 500 AND status <= 599 \
+                 ORDER BY time DESC, event_id DESC",
+            )
+            .fetch_all()
+            .await?;
+        assert_eq!(expected.len(), 30, "the fixture: one 503 every two minutes");
+        // Pages of 4 read the last minute, then 15 minutes, then the rest: the first page is
+        // filled from three slices, later pages start inside a slice from their cursor.
+        let mut seen = Vec::new();
+        let mut cursor: Option<String> = None;
+        loop {
+            let mut uri = format!("/v1/analytics/requests?{}&status=5xx&limit=4", app.range(60)?);
+            if let Some(cursor) = &cursor {
+                uri.push_str(&format!("&cursor={cursor}"));
+            }
+            let page = app.ok(&uri).await?;
+            let rows = page["requests"].as_array().unwrap();
+            assert!(rows.len() <= 4, "{page}");
+            seen.extend(rows.iter().map(|row| row["event_id"].as_str().unwrap().to_owned()));
+            match page["next_cursor"].as_str() {
+                Some(next) => cursor = Some(next.to_owned()),
+                None => break,
+            }
+        }
+        assert_eq!(seen, expected);
+        // A cursor older than every row: an empty last page.
+        let oldest = app.hour - time::Duration::minutes(1);
+        let cursor = format!("{}_{}", oldest.unix_timestamp() * 1_000_000, Uuid::nil().simple());
+        let page = app.ok(&format!("/v1/analytics/requests?{}&cursor={cursor}", app.range(60)?)).await?;
+        assert_eq!((page["requests"].as_array().map(Vec::len), &page["next_cursor"]), (Some(0), &Value::Null));
+        Ok::<_, Box<dyn std::error::Error>>(())
+    }
+    .await;
+    app.finish().await;
+    outcome
+}
+
+#[tokio::test]
 async fn request_search_pages_newest_first_without_gaps_or_repeats() -> TestResult {
     let app = TestApp::spawn().await?;
     let outcome = async {

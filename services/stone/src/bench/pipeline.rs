@@ -153,7 +153,7 @@ async fn measure(config: &StoneConfig, args: &PipelineBenchArgs) -> anyhow::Resu
     line(
         &mut report,
         format!(
-            "pipeline JetStream → ClickHouse (raw + 2 rollups): {pipeline_rate:.0} ev/s, ratio to raw consume {:.2}",
+            "pipeline JetStream → ClickHouse (raw + every rollup): {pipeline_rate:.0} ev/s, ratio to raw consume {:.2}",
             pipeline_rate / consume_rate
         ),
     );
