@@ -169,6 +169,45 @@ async fn a_worker_stopped_during_an_outage_keeps_its_events_for_the_next_start()
     outcome
 }
 
+/// The publisher sends most events without asking for an acknowledgement and confirms them by a
+/// barrier (an acknowledged publish) at the end of each batch. With NATS connected but the
+/// stream gone (deleted, or JetStream without quorum), plain publishes vanish without an error:
+/// only the refused barrier says so. Every event since the last confirmed barrier must then go
+/// to the spool and arrive, each once, when the stream is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_refused_by_a_missing_stream_are_spooled_and_arrive_once_it_is_back() -> TestResult {
+    let shutdown = Shutdown::new();
+    let upstream = TestUpstream::start("backend", &shutdown).await?;
+    let mut config = isolated_config();
+    config.proxy.upstreams = vec![upstream_spec("backend", &[(upstream.address, 1)])];
+    config.proxy.routes = vec![route_spec("items", &["/items/{id}"], "backend")];
+    let outcome = async {
+        let proxy = stone_proxy::build(&config, &shutdown).await?;
+        let client = client();
+        send(&client, &proxy, 20).await?;
+        let js = jetstream(&config).await?;
+        assert!(eventually(100, || async { count_events(&js, &config, "request.>").await.unwrap_or(0) == 20 }).await);
+
+        let events_stream = config.namespace().stream_name("EVENTS");
+        js.delete_stream(&events_stream).await?;
+        send(&client, &proxy, 30).await?;
+        let spool = config.proxy.spool_dir.join("events.spool");
+        let spooled =
+            eventually(100, || async { std::fs::metadata(&spool).map(|meta| meta.len() > 0).unwrap_or(false) }).await;
+        assert!(spooled, "events refused by JetStream went to the disk spool");
+
+        let specs = stone_events::streams::all_streams(&config.namespace(), config.events_retention());
+        stone_kit::nats::ensure_streams(&js, &specs, 1).await?;
+        // The stream came back empty: exactly the 30 requests made while it was gone.
+        assert_request_events(&config, 30).await?;
+        Ok(())
+    }
+    .await;
+    let _ = shutdown.drain(Duration::from_secs(10)).await;
+    cleanup(&config).await;
+    outcome
+}
+
 /// Sums `dropped` over the `health.events_lost` events in the stream.
 async fn reported_losses(config: &StoneConfig) -> Result<(u64, Vec<String>), BoxError> {
     let js = jetstream(config).await?;
