@@ -396,6 +396,13 @@ impl ProxyService {
             && replayable
             && client_upgrade.is_none()
         {
+            // The common hit first, without the setup a miss needs (an owned exchange, a fetcher
+            // closure, the attempt trace).
+            if let Some(served) =
+                cache.fresh_hit(&route.name, policy, &host, completion.data.consumer.as_deref(), &parts).await
+            {
+                return cached_response(completion, served);
+            }
             let cached = CachedExchange {
                 route: Arc::clone(&route),
                 policy: Arc::clone(policy),
@@ -670,16 +677,21 @@ impl ProxyService {
             }
             Err(kind) => return local_response(completion, StatusCode::BAD_GATEWAY, kind, "upstream unavailable"),
         };
-        completion.data.cache = served.status;
-        let (mut head, body) = served.response.into_parts();
-        head.headers.append(header::VIA, VIA_VALUE.clone());
-        if let Some(value) = request_id_header(completion.event_id) {
-            head.headers.entry(&X_REQUEST_ID).or_insert(value);
-        }
-        completion.data.status = head.status.as_u16();
-        completion.ttfb_us = Some(micros(completion.started.elapsed()));
-        Response::from_parts(head, MeteredBody::new(body, completion).boxed())
+        cached_response(completion, served)
     }
+}
+
+/// A response the cache answered (stored, fetched or stale), marked and metered like any other.
+fn cached_response(mut completion: Completion, served: crate::cache::Served) -> Response<ProxyBody> {
+    completion.data.cache = served.status;
+    let (mut head, body) = served.response.into_parts();
+    head.headers.append(header::VIA, VIA_VALUE.clone());
+    if let Some(value) = request_id_header(completion.event_id) {
+        head.headers.entry(&X_REQUEST_ID).or_insert(value);
+    }
+    completion.data.status = head.status.as_u16();
+    completion.ttfb_us = Some(micros(completion.started.elapsed()));
+    Response::from_parts(head, MeteredBody::new(body, completion).boxed())
 }
 
 /// Copies bytes both ways between an upgraded client connection and the upstream's (WebSocket).

@@ -301,6 +301,46 @@ impl Cache {
         }
     }
 
+    /// The common hit, answered before any of the setup a miss needs: the in-process tier holds
+    /// an object for this request that is fresh under the request's own directives. `None` for
+    /// everything else (a miss, a Redis-tier object, anything stale, a bypass), which then goes
+    /// through [`Self::serve`]; the lookup is repeated there, so this never changes an answer.
+    pub async fn fresh_hit(
+        &self,
+        route: &str,
+        policy: &CachePolicy,
+        host: &str,
+        consumer: Option<&str>,
+        parts: &request::Parts,
+    ) -> Option<Served> {
+        if !policy.enabled {
+            return None;
+        }
+        let (path, query) = (parts.uri.path(), parts.uri.query());
+        if policy::request_bypass(policy, &parts.method, path, query, &parts.headers).is_some() {
+            return None;
+        }
+        let primary = key::primary_key(policy, host, path, query, &parts.headers, consumer);
+        let now = unix_now();
+        let object = match self.inner.memory.get(&primary).await? {
+            Slot::Object(object) => object,
+            Slot::Variants { names, generation, .. } => {
+                let variant = key::variant_key(&primary, generation, &policy::secondary_key(&names, &parts.headers));
+                match self.inner.memory.get(&variant).await? {
+                    Slot::Object(object) => object,
+                    Slot::Variants { .. } => return None,
+                }
+            }
+        };
+        let directives = CacheControl::parse_request(&parts.headers);
+        if policy::reuse(&object.freshness, &directives, now) != Reuse::Fresh {
+            return None;
+        }
+        let value = format!("{CACHE_NAME}; hit; ttl={}", object.freshness.ttl(now));
+        self.count(route, CacheStatus::Hit);
+        Some(self.respond(parts, &object, CacheStatus::Hit, value, now))
+    }
+
     /// After a successful unsafe method, drops what is stored for the target URI and for
     /// Location / Content-Location on the same host (RFC 9111 §4.4), on every worker.
     pub async fn invalidate_after(
