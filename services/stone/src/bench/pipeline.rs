@@ -198,16 +198,16 @@ async fn measure(config: &StoneConfig, args: &PipelineBenchArgs) -> anyhow::Resu
     };
     let aligned = format!("from={}&to={}", hour(6)?, hour(0)?);
     let endpoints = [
-        ("summary, raw rows (-6h)", "/v1/analytics/summary?from=-6h".to_owned()),
+        ("summary -6h (mixed: hour, minute, raw edges)", "/v1/analytics/summary?from=-6h".to_owned()),
         ("summary, hourly rollup", format!("/v1/analytics/summary?{aligned}")),
-        ("summary, raw rows, route filter", "/v1/analytics/summary?from=-6h&route=users".to_owned()),
+        ("summary -6h (mixed), route filter", "/v1/analytics/summary?from=-6h&route=users".to_owned()),
         (
             "timeseries 1m by status_class (-6h)",
             "/v1/analytics/timeseries?from=-6h&interval=1m&group_by=status_class".to_owned(),
         ),
         ("timeseries 1h by route", format!("/v1/analytics/timeseries?{aligned}&interval=1h&group_by=route")),
         ("top path_template by p99, rollup", format!("/v1/analytics/top?{aligned}&by=path_template&order=p99")),
-        ("top consumer by errors, raw (-6h)", "/v1/analytics/top?from=-6h&by=consumer&order=errors".to_owned()),
+        ("top consumer by errors -6h (mixed)", "/v1/analytics/top?from=-6h&by=consumer&order=errors".to_owned()),
         ("requests search, 100 newest 5xx", "/v1/analytics/requests?from=-6h&status=5xx&limit=100".to_owned()),
         ("health upstreams", "/v1/health/upstreams".to_owned()),
     ];
