@@ -66,6 +66,27 @@ pub async fn ensure_streams(js: &jetstream::Context, specs: &[StreamSpec], repli
     Ok(())
 }
 
+/// Deletes every stream and KV bucket of a namespace (`<NS>_…` and `KV_<NS>_…`): what tests and
+/// benchmarks created under their own namespace. Refuses the default namespace, whose streams
+/// carry no prefix (it would match everything). Best effort: failures are ignored.
+pub async fn delete_namespace(js: &jetstream::Context, namespace: &stone_events::Namespace) {
+    let prefix = namespace.stream_name("");
+    if prefix.is_empty() {
+        return;
+    }
+    let bucket_prefix = format!("KV_{prefix}");
+    let mut names = js.stream_names();
+    let mut mine = Vec::new();
+    while let Some(Ok(name)) = futures::StreamExt::next(&mut names).await {
+        if name.starts_with(&prefix) || name.starts_with(&bucket_prefix) {
+            mine.push(name);
+        }
+    }
+    for name in mine {
+        let _ = js.delete_stream(name).await;
+    }
+}
+
 /// Connects and provisions every stream of the configured namespace.
 pub async fn connect_and_provision(
     config: &StoneConfig,

@@ -59,19 +59,7 @@ pub async fn create_database(config: &StoneConfig) -> anyhow::Result<()> {
 /// and must not hide the test's own outcome.
 pub async fn cleanup(config: &StoneConfig) {
     if let Ok(client) = async_nats::connect(config.nats_url.as_str()).await {
-        let js = async_nats::jetstream::new(client);
-        let prefix = config.namespace().stream_name("");
-        let mut names = js.stream_names();
-        let mut mine = Vec::new();
-        while let Some(Ok(name)) = futures::StreamExt::next(&mut names).await {
-            // Streams `<NS>_EVENTS`…, and KV buckets, whose streams are `KV_<NS>_…`.
-            if name.starts_with(&prefix) || name.starts_with(&format!("KV_{prefix}")) {
-                mine.push(name);
-            }
-        }
-        for name in mine {
-            let _ = js.delete_stream(name).await;
-        }
+        crate::nats::delete_namespace(&async_nats::jetstream::new(client), &config.namespace()).await;
     }
     let clickhouse = clickhouse::Client::default().with_url(&config.clickhouse_url);
     let _ = clickhouse.query(&format!("DROP DATABASE IF EXISTS `{}`", config.clickhouse_database)).execute().await;

@@ -382,11 +382,7 @@ fn quantile(values: &mut [f64], q: f64) -> f64 {
 
 async fn cleanup(config: &StoneConfig) {
     if let Ok(client) = async_nats::connect(config.nats_url.as_str()).await {
-        let js = async_nats::jetstream::new(client);
-        for base in ["EVENTS", "CONFIG", "DEADLETTER"] {
-            let _ = js.delete_stream(config.namespace().stream_name(base)).await;
-        }
-        let _ = js.delete_key_value(config.namespace().bucket_name(stone_analytics::STATE_BUCKET)).await;
+        stone_kit::nats::delete_namespace(&async_nats::jetstream::new(client), &config.namespace()).await;
     }
     let server = clickhouse::Client::default().with_url(&config.clickhouse_url);
     let _ = server.query(&format!("DROP DATABASE IF EXISTS `{}`", config.clickhouse_database)).execute().await;

@@ -344,17 +344,13 @@ pub(crate) fn uuid_suffix() -> String {
     format!("{:x}", nanos & 0xff_ffff_ffff)
 }
 
-/// Removes the streams a bench proxy created in its namespace.
+/// Removes the streams and KV buckets a bench proxy created in its namespace.
 pub(crate) fn delete_namespace(config: &StoneConfig, namespace: &str) {
     let Ok(runtime) = tokio::runtime::Builder::new_current_thread().enable_all().build() else { return };
     runtime.block_on(async {
         let Ok(client) = async_nats::connect(config.nats_url.as_str()).await else { return };
-        let js = async_nats::jetstream::new(client);
         let Ok(ns) = stone_events::Namespace::new(namespace) else { return };
-        for base in ["EVENTS", "CONFIG", "DEADLETTER"] {
-            let _ = js.delete_stream(ns.stream_name(base)).await;
-        }
-        let _ = js.delete_stream(format!("KV_{}", ns.bucket_name("WORKERS"))).await;
+        stone_kit::nats::delete_namespace(&async_nats::jetstream::new(client), &ns).await;
     });
 }
 

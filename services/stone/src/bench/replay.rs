@@ -257,13 +257,7 @@ async fn publish_config(config: &StoneConfig, js: &async_nats::jetstream::Contex
 
 async fn cleanup(config: &StoneConfig, server: &str) {
     if let Ok(client) = async_nats::connect(config.nats_url.as_str()).await {
-        let js = async_nats::jetstream::new(client);
-        for base in ["EVENTS", "CONFIG", "DEADLETTER"] {
-            let _ = js.delete_stream(config.namespace().stream_name(base)).await;
-        }
-        for bucket in [stone_analytics::STATE_BUCKET, stone_kit::rebuild::BUCKET] {
-            let _ = js.delete_key_value(config.namespace().bucket_name(bucket)).await;
-        }
+        stone_kit::nats::delete_namespace(&async_nats::jetstream::new(client), &config.namespace()).await;
     }
     let clickhouse = clickhouse::Client::default().with_url(&config.clickhouse_url);
     let _ = clickhouse.query(&format!("DROP DATABASE IF EXISTS `{}`", config.clickhouse_database)).execute().await;
