@@ -206,7 +206,7 @@ const SPOOL_RETRY_INTERVAL: Duration = Duration::from_millis(250);
 /// At most this many events are sent between two acknowledged publishes (barriers).
 const BARRIER_EVERY: usize = 256;
 
-/// The headers every event carries (what `publish_one` sets through the JetStream builder).
+/// The headers every event carries, acknowledged or not.
 fn event_headers(event: &OutgoingEvent) -> async_nats::HeaderMap {
     let mut map = async_nats::HeaderMap::new();
     map.insert(async_nats::header::NATS_MESSAGE_ID, event.id.as_str());
@@ -256,17 +256,18 @@ impl Unconfirmed {
     }
 }
 
+/// Sends an event as a JetStream publish whose acknowledgement the returned future awaits.
+async fn send_acknowledged(
+    js: &jetstream::Context,
+    event: &OutgoingEvent,
+) -> Result<impl std::future::Future<Output = Result<(), String>> + Send + 'static, String> {
+    let publish = PublishMessage::build().headers(event_headers(event)).payload(event.payload.clone());
+    let ack = js.send_publish(event.subject.clone(), publish).await.map_err(|error| error.to_string())?;
+    Ok(async move { ack.await.map(|_| ()).map_err(|error| error.to_string()) })
+}
+
 async fn publish_one(js: &jetstream::Context, event: &OutgoingEvent) -> Result<(), String> {
-    // `header` adds to the map; `headers` would replace it and lose the Nats-Msg-Id.
-    let publish = PublishMessage::build()
-        .message_id(event.id.as_str())
-        .header(headers::EVENT_TYPE, event.event_type.as_ref())
-        .header(headers::EVENT_VERSION, event.version.to_string().as_str())
-        .payload(event.payload.clone());
-    match js.send_publish(event.subject.clone(), publish).await {
-        Ok(ack) => ack.await.map(|_| ()).map_err(|error| error.to_string()),
-        Err(error) => Err(error.to_string()),
-    }
+    send_acknowledged(js, event).await?.await
 }
 
 type SpoolRound = Pin<Box<dyn std::future::Future<Output = (u64, Result<usize, String>)> + Send>>;
@@ -353,17 +354,14 @@ impl Publisher {
         while let Some(event) = batch.pop_front() {
             let barrier = batch.is_empty() || *since_barrier + 1 >= BARRIER_EVERY;
             let sent = if barrier {
-                let publish = PublishMessage::build().headers(event_headers(&event)).payload(event.payload.clone());
-                match self.js.send_publish(event.subject.clone(), publish).await {
+                match send_acknowledged(&self.js, &event).await {
                     Ok(ack) => {
                         let end = unconfirmed.end() + 1;
-                        barriers.push(Box::pin(async move {
-                            (end, ack.await.map(|_| ()).map_err(|error| error.to_string()))
-                        }));
+                        barriers.push(Box::pin(async move { (end, ack.await) }));
                         *since_barrier = 0;
                         Ok(())
                     }
-                    Err(error) => Err(error.to_string()),
+                    Err(error) => Err(error),
                 }
             } else {
                 *since_barrier += 1;
