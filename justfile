@@ -41,6 +41,6 @@ check:
 fmt:
     cargo fmt --all
 
-# Load-test a running proxy: `just bench --help` for the options
+# Benchmarks against nginx and raw JetStream reads (installs nginx and wrk if missing): `just bench proxy --help`
 bench *ARGS:
-    cargo run --release -p stone -- bench {{ ARGS }}
+    bash infra/bench.sh {{ ARGS }}
