@@ -18,7 +18,7 @@ use hyper::{Request, Response, Version};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use proxy_support::*;
 use stone_events::Event;
-use stone_kit::Shutdown;
+use stone_kit::{Shutdown, StoneConfig};
 use tokio_rustls::TlsConnector;
 use tokio_rustls::rustls::pki_types::{CertificateDer, ServerName};
 use tokio_rustls::rustls::{ClientConfig, RootCertStore};
@@ -108,6 +108,24 @@ async fn get_over(
     Ok((version, serde_json::from_slice(&body)?))
 }
 
+/// A proxy routing everything to an echo upstream, with TLS from the given files; returns it and
+/// its TLS listener's address.
+async fn start_tls_proxy(
+    config: &mut StoneConfig,
+    shutdown: &Shutdown,
+    cert_path: &std::path::Path,
+    key_path: &std::path::Path,
+) -> Result<(stone_proxy::RunningProxy, SocketAddr), BoxError> {
+    let upstream = echo_upstream(shutdown).await?;
+    config.proxy.upstreams = vec![upstream_spec("app", &[(upstream, 1)])];
+    config.proxy.routes = vec![route_spec("app", &["/*"], "app")];
+    config.proxy.tls.cert_path = cert_path.to_path_buf();
+    config.proxy.tls.key_path = key_path.to_path_buf();
+    let proxy = stone_proxy::build(config, shutdown).await?;
+    let tls_addr = proxy.tls_addr.expect("the TLS listener runs when a certificate is configured");
+    Ok((proxy, tls_addr))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_serves_h2_and_http11_by_alpn_with_forwarded_proto_https() -> TestResult {
     let shutdown = Shutdown::new();
@@ -115,13 +133,7 @@ async fn tls_serves_h2_and_http11_by_alpn_with_forwarded_proto_https() -> TestRe
     let certificates = std::env::temp_dir().join(format!("stone-tls-{}", config.namespace));
     let (cert_path, key_path, trusted) = self_signed(&certificates);
     let outcome = async {
-        let upstream = echo_upstream(&shutdown).await?;
-        config.proxy.upstreams = vec![upstream_spec("app", &[(upstream, 1)])];
-        config.proxy.routes = vec![route_spec("app", &["/*"], "app")];
-        config.proxy.tls.cert_path = cert_path.clone();
-        config.proxy.tls.key_path = key_path.clone();
-        let proxy = stone_proxy::build(&config, &shutdown).await?;
-        let tls_addr = proxy.tls_addr.expect("the TLS listener runs when a certificate is configured");
+        let (proxy, tls_addr) = start_tls_proxy(&mut config, &shutdown, &cert_path, &key_path).await?;
         assert_ne!(tls_addr, proxy.listen_addr);
 
         // ALPN offers h2 first: the proxy picks it and speaks HTTP/2.
@@ -220,13 +232,7 @@ async fn a_renewed_certificate_is_served_without_a_restart_and_a_broken_one_is_n
     let certificates = std::env::temp_dir().join(format!("stone-tls-{}", config.namespace));
     let (cert_path, key_path, first) = self_signed(&certificates);
     let outcome = async {
-        let upstream = echo_upstream(&shutdown).await?;
-        config.proxy.upstreams = vec![upstream_spec("app", &[(upstream, 1)])];
-        config.proxy.routes = vec![route_spec("app", &["/*"], "app")];
-        config.proxy.tls.cert_path = cert_path.clone();
-        config.proxy.tls.key_path = key_path.clone();
-        let proxy = stone_proxy::build(&config, &shutdown).await?;
-        let tls_addr = proxy.tls_addr.expect("TLS listener");
+        let (proxy, tls_addr) = start_tls_proxy(&mut config, &shutdown, &cert_path, &key_path).await?;
         assert!(connect(tls_addr, &first, &[b"h2"]).await.is_ok());
 
         // Renewal: a new key and certificate replace the files (key first, as certbot's deploy
