@@ -45,8 +45,15 @@ pub async fn run(context: Arc<ProjectorContext>, partitions: u16, shutdown: Canc
     )
     .unwrap_or(0);
     loop {
-        if let Err(error) = tick_once(&context, partitions, offset, &mut owned, &shutdown).await {
-            tracing::warn!(%error, "partition coordination failed; retrying");
+        // Bounded: a KV call that never answers must not stop this instance from announcing
+        // itself and rebalancing for good. A tick cut short is safe to repeat: a lease written
+        // in our name but not yet run is taken back by the next tick.
+        match tokio::time::timeout(context.lease_ttl, tick_once(&context, partitions, offset, &mut owned, &shutdown))
+            .await
+        {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => tracing::warn!(%error, "partition coordination failed; retrying"),
+            Err(_) => tracing::warn!("partition coordination did not finish within the lease; retrying"),
         }
         metrics::gauge!("stone_analytics_instances_partitions_target").set(owned.len() as f64);
         tokio::select! {
