@@ -18,6 +18,7 @@ use uuid::Uuid;
 
 use crate::balancer::TargetHealth;
 use crate::emitter::EventSink;
+use crate::routing::Route;
 
 /// The response body type of the proxy.
 pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
@@ -131,7 +132,41 @@ pub struct Completion {
     pub target_health: Option<Arc<TargetHealth>>,
     /// The matched route's metric handles; `None` until a route matched.
     pub metrics: Option<Arc<RouteMetrics>>,
+    /// What the event's descriptive fields are made from: they are copied into `data` only when
+    /// the event is emitted, so a worker with events off copies no strings per request.
+    pub facts: RequestFacts,
+    /// The event's outcome fields (status, cache, consumer, error…); the descriptive ones stay
+    /// empty until [`Self::finish`].
     pub data: RequestCompleted,
+}
+
+/// The request as the event describes it, kept in the shapes the request path already has.
+pub struct RequestFacts {
+    pub method: http::Method,
+    pub host: String,
+    pub uri: http::Uri,
+    pub version: http::Version,
+    pub client: std::net::IpAddr,
+    /// The matched route and path template.
+    pub route: Option<(Arc<Route>, Arc<str>)>,
+}
+
+impl RequestFacts {
+    fn describe(self, data: &mut RequestCompleted) {
+        data.method = self.method.as_str().to_owned();
+        data.path = self.uri.path().to_owned();
+        data.host = self.host;
+        data.protocol = crate::service::protocol_name(self.version).to_owned();
+        data.client_ip = Some(crate::service::format_ip(self.client));
+        match self.route {
+            Some((route, template)) => {
+                data.route = route.name.clone();
+                data.upstream = Some(route.upstream.name.clone());
+                data.path_template = template.to_string();
+            }
+            None => data.route = stone_events::subjects::NONE_TOKEN.to_owned(),
+        }
+    }
 }
 
 impl Completion {
@@ -152,10 +187,11 @@ impl Completion {
         match &self.metrics {
             Some(metrics) => metrics.record(self.data.status, total_us),
             None => {
-                let route = self.data.route.clone();
+                // No route matched.
+                let route = stone_events::subjects::NONE_TOKEN;
                 metrics::counter!(
                     "stone_proxy_requests_total",
-                    "route" => route.clone(),
+                    "route" => route,
                     "status_class" => stone_events::subjects::status_class(self.data.status)
                 )
                 .increment(1);
@@ -163,6 +199,10 @@ impl Completion {
                     .record(total_us as f64 / 1e6);
             }
         }
+        if !self.sink.enabled() {
+            return;
+        }
+        self.facts.describe(&mut self.data);
         let envelope =
             Envelope::with_id(self.event_id, self.started_at, self.source.as_ref(), self.config_seq, self.data);
         self.sink.emit(&envelope);

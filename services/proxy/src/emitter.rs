@@ -100,9 +100,15 @@ impl LossLedger {
 /// Bytes reserved for encoding one event.
 const ENCODE_CAPACITY: usize = 768;
 
-/// The request path's handle: cheap to clone, never blocks.
+/// The request path's handle: cheap to clone (one shared allocation: every request's
+/// completion holds a clone), never blocks.
 #[derive(Debug, Clone)]
 pub struct EventSink {
+    inner: Arc<SinkInner>,
+}
+
+#[derive(Debug)]
+struct SinkInner {
     sender: mpsc::Sender<OutgoingEvent>,
     namespace: Namespace,
     partitions: u16,
@@ -112,9 +118,14 @@ pub struct EventSink {
 }
 
 impl EventSink {
+    fn new(inner: SinkInner) -> Self {
+        Self { inner: Arc::new(inner) }
+    }
+
     /// Encodes and enqueues an event; if the queue is full the event is dropped and counted.
     pub fn emit<T: EventData>(&self, envelope: &Envelope<T>) {
-        if !self.enabled {
+        let sink = &*self.inner;
+        if !sink.enabled {
             return;
         }
         // Sized for a typical request.completed (400-700 bytes), so encoding does not grow the
@@ -129,20 +140,25 @@ impl EventSink {
             }
         };
         let event = OutgoingEvent {
-            subject: self.namespace.event_subject(envelope, self.partitions),
+            subject: sink.namespace.event_subject(envelope, sink.partitions),
             id: envelope.id.to_string(),
             event_type: Cow::Borrowed(envelope.data.event_type()),
             version: envelope.version,
             payload: Bytes::from(payload),
         };
-        if self.sender.try_send(event).is_err() {
-            self.losses.record();
+        if sink.sender.try_send(event).is_err() {
+            sink.losses.record();
         }
+    }
+
+    /// Whether events are emitted at all (`proxy.emit_events`).
+    pub fn enabled(&self) -> bool {
+        self.inner.enabled
     }
 
     /// Events waiting in memory.
     pub fn pending(&self) -> usize {
-        self.sender.max_capacity() - self.sender.capacity()
+        self.inner.sender.max_capacity() - self.inner.sender.capacity()
     }
 }
 
@@ -171,13 +187,13 @@ pub fn channel(
 ) -> Result<(EventSink, impl std::future::Future<Output = ()> + Send + 'static), SpoolError> {
     let spool = Spool::open(&settings.spool_dir, settings.spool_max_bytes)?;
     let (sender, receiver) = mpsc::channel(settings.capacity);
-    let sink = EventSink {
+    let sink = EventSink::new(SinkInner {
         sender,
         namespace: settings.namespace.clone(),
         partitions: settings.partitions,
         losses: Arc::new(LossLedger::new("queue_full")),
         enabled: settings.enabled,
-    };
+    });
     let mut js = js;
     // A publish not acknowledged within this bound is treated as NATS being away: the event goes
     // to the spool instead of holding a slot (and memory) for the client's default 5 s.
@@ -187,8 +203,8 @@ pub fn channel(
         js,
         spool,
         spool_losses: LossLedger::new("spool_full"),
-        report_sender: sink.sender.downgrade(),
-        queue_losses: Arc::clone(&sink.losses),
+        report_sender: sink.inner.sender.downgrade(),
+        queue_losses: Arc::clone(&sink.inner.losses),
         namespace: settings.namespace.clone(),
         settings,
         published: metrics::counter!("stone_events_published_total"),
@@ -323,13 +339,13 @@ impl Publisher {
             let Some(report) = ledger.take(&self.settings.worker_id) else { continue };
             tracing::warn!(dropped = report.dropped, reason = %report.reason, "events were dropped; reporting the loss");
             if let Some(sender) = self.report_sender.upgrade() {
-                let sink = EventSink {
+                let sink = EventSink::new(SinkInner {
                     sender,
                     namespace: self.namespace.clone(),
                     partitions: self.settings.partitions,
                     losses: Arc::clone(&self.queue_losses),
                     enabled: true,
-                };
+                });
                 sink.emit(&Envelope::new(self.settings.worker_id.clone(), 0, report));
             }
         }

@@ -18,11 +18,12 @@ use crate::balancer::{HealthRegistry, Upstream};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PathPattern {
     /// `/health`
-    Exact(String),
+    Exact(Arc<str>),
     /// `/users/{id}/orders`: segments, `None` where a parameter stands.
-    Template { pattern: String, segments: Vec<Option<String>> },
-    /// `/static/*` (stored without the `*`, with a trailing `/`), or `/*` for everything.
-    Prefix(String),
+    Template { pattern: Arc<str>, segments: Vec<Option<String>> },
+    /// `/static/*` (`prefix` without the `*`, with a trailing `/`), or `/*` for everything;
+    /// `template` is the pattern as written, kept for every request's event.
+    Prefix { prefix: String, template: Arc<str> },
 }
 
 impl PathPattern {
@@ -34,13 +35,13 @@ impl PathPattern {
             if !prefix.ends_with('/') || prefix.contains(['*', '{', '}']) {
                 return Err(format!("path {pattern:?}: a prefix pattern looks like /api/*"));
             }
-            return Ok(Self::Prefix(prefix.to_owned()));
+            return Ok(Self::Prefix { prefix: prefix.to_owned(), template: Arc::from(pattern) });
         }
         if pattern.contains('*') {
             return Err(format!("path {pattern:?}: '*' is only allowed at the end, after '/'"));
         }
         if !pattern.contains('{') {
-            return Ok(Self::Exact(pattern.to_owned()));
+            return Ok(Self::Exact(Arc::from(pattern)));
         }
         let mut segments = Vec::new();
         for segment in pattern.trim_start_matches('/').split('/') {
@@ -52,37 +53,39 @@ impl PathPattern {
                 segments.push(Some(segment.to_owned()));
             }
         }
-        Ok(Self::Template { pattern: pattern.to_owned(), segments })
+        Ok(Self::Template { pattern: Arc::from(pattern), segments })
     }
 
     fn kind_rank(&self) -> u8 {
         match self {
             Self::Exact(_) => 0,
             Self::Template { .. } => 1,
-            Self::Prefix(_) => 2,
+            Self::Prefix { .. } => 2,
         }
     }
 
     fn length(&self) -> usize {
         match self {
-            Self::Exact(path) | Self::Prefix(path) => path.len(),
+            Self::Exact(path) => path.len(),
+            Self::Prefix { prefix, .. } => prefix.len(),
             Self::Template { pattern, .. } => pattern.len(),
         }
     }
 
-    /// The template recorded in events: the pattern itself, never the raw path.
-    pub fn template(&self) -> String {
+    /// The template recorded in events: the pattern itself, never the raw path; shared, so a
+    /// request's event takes it without a copy.
+    pub fn template(&self) -> &Arc<str> {
         match self {
-            Self::Exact(path) => path.clone(),
-            Self::Template { pattern, .. } => pattern.clone(),
-            Self::Prefix(prefix) => format!("{prefix}*"),
+            Self::Exact(path) => path,
+            Self::Template { pattern, .. } => pattern,
+            Self::Prefix { template, .. } => template,
         }
     }
 
     fn matches(&self, path: &str) -> bool {
         match self {
-            Self::Exact(exact) => path == exact,
-            Self::Prefix(prefix) => path.starts_with(prefix.as_str()) || path == prefix.trim_end_matches('/'),
+            Self::Exact(exact) => path == &**exact,
+            Self::Prefix { prefix, .. } => path.starts_with(prefix.as_str()) || path == prefix.trim_end_matches('/'),
             Self::Template { segments, .. } => {
                 let mut parts = path.trim_start_matches('/').split('/');
                 let all_match = segments.iter().all(|segment| match (segment, parts.next()) {
@@ -98,8 +101,8 @@ impl PathPattern {
     /// What remains of `path` after the matched prefix (for `strip_prefix`), always starting with `/`.
     pub fn strip(&self, path: &str) -> String {
         let rest = match self {
-            Self::Prefix(prefix) => path.strip_prefix(prefix.trim_end_matches('/')).unwrap_or(path),
-            Self::Exact(exact) => path.strip_prefix(exact.as_str()).unwrap_or(path),
+            Self::Prefix { prefix, .. } => path.strip_prefix(prefix.trim_end_matches('/')).unwrap_or(path),
+            Self::Exact(exact) => path.strip_prefix(&**exact).unwrap_or(path),
             Self::Template { .. } => path,
         };
         if rest.starts_with('/') { rest.to_owned() } else { format!("/{rest}") }
@@ -332,7 +335,7 @@ mod tests {
     fn find<'a>(table: &'a RouteTable, host: &str, path: &str) -> Option<(&'a str, String)> {
         table
             .find(host, path, &Method::GET, &HeaderMap::new())
-            .map(|found| (found.route.name.as_str(), found.pattern.template()))
+            .map(|found| (found.route.name.as_str(), found.pattern.template().to_string()))
     }
 
     #[test]

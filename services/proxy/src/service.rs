@@ -16,14 +16,14 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use std::error::Error as _;
 
-use stone_events::config::HashOn;
+use stone_events::config::{HashOn, LbAlgorithm};
 use stone_events::request::{CacheStatus, ErrorKind, RequestCompleted};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
 use crate::access::Gate;
 use crate::balancer::{Target, Upstream};
-use crate::body::{BodyTooLarge, Completion, CountingBody, MeteredBody, ProxyBody, micros};
+use crate::body::{BodyTooLarge, Completion, CountingBody, MeteredBody, ProxyBody, RequestFacts, micros};
 use crate::cache::{Cache, CachePolicy, CacheRequest, Fetcher};
 use crate::emitter::EventSink;
 use crate::health::HealthReporter;
@@ -245,7 +245,6 @@ impl ProxyService {
             .to_owned();
         let path = request.uri().path().to_owned();
         let bytes_in = Arc::new(AtomicU64::new(0));
-        let client_ip = client.ip().to_string();
         let mut completion = Completion {
             sink: shared.sink.clone(),
             event_id,
@@ -258,17 +257,26 @@ impl ProxyService {
             bytes_in: Arc::clone(&bytes_in),
             target_health: None,
             metrics: None,
-            data: RequestCompleted {
-                method: request.method().as_str().to_owned(),
+            facts: RequestFacts {
+                method: request.method().clone(),
                 host: host.clone(),
-                route: stone_events::subjects::NONE_TOKEN.to_owned(),
+                uri: request.uri().clone(),
+                version: request.version(),
+                client: client.ip(),
+                route: None,
+            },
+            // The descriptive fields are filled from `facts` when the event is emitted.
+            data: RequestCompleted {
+                method: String::new(),
+                host: String::new(),
+                route: String::new(),
                 path_template: String::new(),
-                path: path.clone(),
+                path: String::new(),
                 upstream: None,
                 target: None,
                 consumer: None,
-                client_ip: Some(client_ip.clone()),
-                protocol: protocol_name(request.version()).to_owned(),
+                client_ip: None,
+                protocol: String::new(),
                 status: 0,
                 total_us: 0,
                 upstream_us: None,
@@ -307,10 +315,8 @@ impl ProxyService {
             );
         };
         let route = Arc::clone(found.route);
-        completion.data.route = route.name.clone();
         completion.metrics = Some(Arc::clone(&route.metrics));
-        completion.data.path_template = found.pattern.template();
-        completion.data.upstream = Some(route.upstream.name.clone());
+        completion.facts.route = Some((Arc::clone(&route), Arc::clone(found.pattern.template())));
         if let Some(access) = table.access().get(&route.name) {
             let gate = crate::access::check(
                 access,
@@ -354,16 +360,41 @@ impl ProxyService {
             );
         }
 
+        let wants_upgrade = request.headers().contains_key(header::UPGRADE);
+        // The common hit first, before the request is prepared for an upstream: a fresh object
+        // in the in-process tier needs none of that, as long as nothing the key or the object's
+        // Vary names would differ between the request as received and as forwarded.
+        let mut hit_checked = false;
+        if let (Some(cache), Some(policy)) = (&shared.cache, &route.cache)
+            && matches!(*request.method(), Method::GET | Method::HEAD)
+            && request.body().is_end_stream()
+            && !wants_upgrade
+            && connection_names_nothing_else(request.headers())
+        {
+            hit_checked = true;
+            let consumer = completion.data.consumer.as_deref();
+            let (method, uri, headers) = (request.method(), request.uri(), request.headers());
+            let unprepared = Some(forwarding_changes as fn(&str) -> bool);
+            if let Some(served) =
+                cache.fresh_hit(&route.name, policy, &host, consumer, method, uri, headers, unprepared).await
+            {
+                return cached_response(completion, served);
+            }
+        }
+
         let upstream_path = if route.strip_prefix { found.pattern.strip(&path) } else { path.clone() };
         let upstream = Arc::clone(&route.upstream);
-        let hash_key = hash_key(&upstream.hash_on, request.headers(), client);
-        let wants_upgrade = request.headers().contains_key(header::UPGRADE);
+        let hash_key = match upstream.algorithm {
+            LbAlgorithm::ConsistentHash => hash_key(&upstream.hash_on, request.headers(), client),
+            _ => None,
+        };
         let client_upgrade = if wants_upgrade { Some(hyper::upgrade::on(&mut request)) } else { None };
         let upgrade_protocol = request.headers().get(header::UPGRADE).cloned();
 
         let (mut parts, body) = request.into_parts();
         // The upstream side speaks HTTP/1.1 whatever the client spoke.
         parts.version = Version::HTTP_11;
+        let client_ip = format_ip(client.ip());
         prepare_request_headers(&mut parts.headers, &client_ip, &host, &request_id_header(event_id), secure);
         if let Some(protocol) = upgrade_protocol {
             // Upgrades (WebSocket) are the one hop-by-hop exchange a proxy must carry through.
@@ -396,10 +427,23 @@ impl ProxyService {
             && replayable
             && client_upgrade.is_none()
         {
-            // The common hit first, without the setup a miss needs (an owned exchange, a fetcher
-            // closure, the attempt trace).
-            if let Some(served) =
-                cache.fresh_hit(&route.name, policy, &host, completion.data.consumer.as_deref(), &parts).await
+            // When the early lookup was skipped (Connection names another header), a fresh hit
+            // is still answered here without the setup a miss needs (an owned exchange, a
+            // fetcher closure, the attempt trace). When it ran and refused, `serve` looks up
+            // with the prepared headers.
+            if !hit_checked
+                && let Some(served) = cache
+                    .fresh_hit(
+                        &route.name,
+                        policy,
+                        &host,
+                        completion.data.consumer.as_deref(),
+                        &parts.method,
+                        &parts.uri,
+                        &parts.headers,
+                        None,
+                    )
+                    .await
             {
                 return cached_response(completion, served);
             }
@@ -731,7 +775,7 @@ impl Drop for InFlightGuard<'_> {
     }
 }
 
-fn protocol_name(version: Version) -> &'static str {
+pub(crate) fn protocol_name(version: Version) -> &'static str {
     match version {
         Version::HTTP_09 => "HTTP/0.9",
         Version::HTTP_10 => "HTTP/1.0",
@@ -741,7 +785,37 @@ fn protocol_name(version: Version) -> &'static str {
     }
 }
 
+/// Whether forwarding changes or drops a request header of this (lowercase) name: the
+/// hop-by-hop headers and the ones [`prepare_request_headers`] sets. Headers a request's
+/// `Connection` names are hop-by-hop too; [`connection_names_nothing_else`] covers those.
+fn forwarding_changes(name: &str) -> bool {
+    HOP_BY_HOP.iter().any(|hop| hop.as_str() == name)
+        || [&X_FORWARDED_FOR, &X_FORWARDED_PROTO, &X_FORWARDED_HOST, &X_REQUEST_ID]
+            .iter()
+            .any(|set| set.as_str() == name)
+        || name == header::VIA.as_str()
+        || name == header::UPGRADE.as_str()
+}
+
+/// Whether the request's `Connection` names no header beyond `keep-alive` (itself hop-by-hop)
+/// and `close`, so that [`forwarding_changes`] is the whole list of what forwarding changes.
+fn connection_names_nothing_else(headers: &HeaderMap) -> bool {
+    headers.get_all(header::CONNECTION).iter().all(|value| {
+        value.to_str().is_ok_and(|value| {
+            value.split(',').all(|token| {
+                let token = token.trim();
+                token.is_empty() || token.eq_ignore_ascii_case("keep-alive") || token.eq_ignore_ascii_case("close")
+            })
+        })
+    })
+}
+
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Most messages carry none: one pass over the few names present is cheaper than a hashed
+    // removal of each hop-by-hop name.
+    if !headers.keys().any(|name| name == header::UPGRADE || HOP_BY_HOP.contains(name)) {
+        return;
+    }
     // Headers named in Connection are hop-by-hop too.
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
@@ -754,6 +828,21 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
         headers.remove(name);
     }
     headers.remove(header::UPGRADE);
+}
+
+/// The client address as the event and `X-Forwarded-For` carry it; IPv4 without the
+/// formatting machinery `to_string` goes through.
+pub(crate) fn format_ip(ip: std::net::IpAddr) -> String {
+    let std::net::IpAddr::V4(v4) = ip else { return ip.to_string() };
+    let mut formatted = String::with_capacity(15);
+    let mut digits = itoa::Buffer::new();
+    for (index, octet) in v4.octets().into_iter().enumerate() {
+        if index > 0 {
+            formatted.push('.');
+        }
+        formatted.push_str(digits.format(octet));
+    }
+    formatted
 }
 
 /// `X-Request-Id` for an event id, formatted without an intermediate `String`.
@@ -809,4 +898,56 @@ fn local_response(
         response.headers_mut().insert(&X_REQUEST_ID, value);
     }
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    proptest! {
+        #[test]
+        fn ipv4_is_formatted_as_to_string_does(address in any::<u32>()) {
+            let ip = IpAddr::V4(Ipv4Addr::from(address));
+            prop_assert_eq!(format_ip(ip), ip.to_string());
+        }
+    }
+
+    #[test]
+    fn ipv6_is_formatted_as_to_string_does() {
+        let ip = IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0xff00, 0x42, 0x8329));
+        assert_eq!(format_ip(ip), "2001:db8::ff00:42:8329");
+    }
+
+    #[test]
+    fn forwarding_changes_names_what_preparation_touches() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::ACCEPT, HeaderValue::from_static("*/*"));
+        headers.insert(&X_FORWARDED_FOR, HeaderValue::from_static("10.0.0.1"));
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+        let before = headers.clone();
+        prepare_request_headers(&mut headers, "127.0.0.1", "example.test", &request_id_header(Uuid::now_v7()), false);
+        let mut names: Vec<&HeaderName> = headers.keys().chain(before.keys()).collect();
+        names.dedup();
+        for name in names {
+            let changed = headers.get_all(name).iter().ne(before.get_all(name).iter());
+            assert!(!changed || forwarding_changes(name.as_str()), "{name} changed but is not listed");
+        }
+        assert!(!forwarding_changes("accept"));
+    }
+
+    #[test]
+    fn only_keep_alive_and_close_in_connection_leave_the_list_complete() {
+        let with = |value: &'static str| {
+            let mut headers = HeaderMap::new();
+            headers.insert(header::CONNECTION, HeaderValue::from_static(value));
+            connection_names_nothing_else(&headers)
+        };
+        assert!(connection_names_nothing_else(&HeaderMap::new()));
+        assert!(with("keep-alive") && with("Close") && with("keep-alive, close"));
+        assert!(!with("keep-alive, x-secret"));
+    }
 }

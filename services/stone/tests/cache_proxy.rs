@@ -65,6 +65,17 @@ async fn the_proxy_serves_hits_from_its_cache_and_records_the_cache_status() -> 
             ("POST".to_owned(), CacheStatus::None),
         ]
     );
+    // The descriptive fields, hits included, are the request as received.
+    let events = proxy_support::read_events(&js, &config, "request.completed.>").await?;
+    for event in events {
+        let stone_events::Event::RequestCompleted(envelope) = event else { continue };
+        let data = envelope.data;
+        assert_eq!(data.host, proxy.listen_addr.to_string());
+        assert_eq!((data.route.as_str(), data.path_template.as_str(), data.path.as_str()), ("cached", "/*", "/item"));
+        assert_eq!(data.upstream.as_deref(), Some("origin"));
+        assert_eq!(data.client_ip.as_deref(), Some("127.0.0.1"));
+        assert_eq!(data.protocol, "HTTP/1.1");
+    }
     assert!(proxy_support::count_events(&js, &config, "cache.stored.>").await? >= 2);
     assert!(proxy_support::count_events(&js, &config, "cache.miss.>").await? >= 2);
     shutdown.trigger();
@@ -102,7 +113,7 @@ async fn a_small_memory_tier_evicts_and_reports_evictions_summed() -> cache_supp
             .collect::<Vec<_>>()
     };
     // 40 objects of 2 KiB through an 8 KiB tier; moka applies evictions in batches as the tier is
-    // used, so keep using it until a report arrives.
+    // used, so keep using it until a report arrives and objects were asked for again.
     let mut reports = Vec::new();
     for round in 0..20 {
         for object in 0..40 {
@@ -110,7 +121,9 @@ async fn a_small_memory_tier_evicts_and_reports_evictions_summed() -> cache_supp
             assert_eq!(reply.body.len(), 2048);
         }
         reports = evicted().await;
-        if !reports.is_empty() {
+        // A second round at least: only then must evicted objects be fetched again (a slow
+        // first round can outlast the report interval on its own).
+        if !reports.is_empty() && round > 0 {
             break;
         }
         assert!(round < 19, "no cache.evicted event after {} rounds", round + 1);
@@ -161,6 +174,58 @@ async fn a_head_miss_through_the_proxy_stores_the_get() -> cache_support::TestRe
     assert_eq!(got.text(), "GET");
     // The GETs after the HEAD waited for its fetch (coalesced) rather than asking again.
     assert_eq!(upstream.hits(), 1);
+    shutdown.trigger();
+    proxy_support::cleanup(&config).await;
+    Ok(())
+}
+
+/// Hits are looked up before the request is prepared for the upstream, so a key part or `Vary`
+/// name that forwarding sets must still be read as the upstream saw it. Here the upstream varies
+/// on `X-Forwarded-For`: a client that sends the value another client's request was forwarded
+/// with must not get that client's object, and a route keyed on `X-Forwarded-Proto` keys on the
+/// value the proxy forwards, not on what the client claims.
+#[tokio::test]
+async fn keys_and_vary_on_forwarding_headers_see_what_the_upstream_saw() -> cache_support::TestResult {
+    let upstream = cache_support::Upstream::start().await;
+    upstream.answer(|parts, hit| {
+        let header = |name: &str| parts.headers.get(name).map_or("-", |value| value.to_str().unwrap()).to_owned();
+        if parts.uri.path() == "/by-client" {
+            let headers = vec![("cache-control", "max-age=60".to_owned()), ("vary", "X-Forwarded-For".to_owned())];
+            return (200, headers, format!("{} v{hit}", header("x-forwarded-for")).into());
+        }
+        (200, cache_support::cc("max-age=60"), format!("{} v{hit}", header("x-forwarded-proto")).into())
+    });
+    let mut config = proxy_support::isolated_config();
+    let mut varying = proxy_support::route_spec("varying", &["/by-client"], "origin");
+    varying.cache = Some(Box::new(cache_support::spec()));
+    let mut keyed = proxy_support::route_spec("keyed", &["/*"], "origin");
+    keyed.cache = Some(Box::new(serde_json::from_value(serde_json::json!({
+        "key": { "headers": ["X-Forwarded-Proto"] }
+    }))?));
+    config.proxy.routes = vec![varying, keyed];
+    config.proxy.upstreams = vec![proxy_support::upstream_spec("origin", &[(upstream.addr, 1)])];
+    let shutdown = Shutdown::new();
+    let proxy = stone_proxy::build(&config, &shutdown).await?;
+    let send = |path: &'static str, headers: &'static [(&'static str, &'static str)]| {
+        cache_support::send(proxy.listen_addr, "GET", path, headers)
+    };
+
+    assert_eq!(send("/by-client", &[]).await.text(), "127.0.0.1 v1");
+    cache_support::settle().await;
+    let repeated = send("/by-client", &[]).await;
+    assert_eq!((repeated.text(), repeated.cache_status().contains("hit")), ("127.0.0.1 v1".to_owned(), true));
+    // Received as "127.0.0.1", forwarded as "127.0.0.1, 127.0.0.1": another variant.
+    let claimed = send("/by-client", &[("x-forwarded-for", "127.0.0.1")]).await;
+    assert_eq!(claimed.text(), "127.0.0.1, 127.0.0.1 v2");
+    assert_eq!(upstream.hits(), 2);
+
+    assert_eq!(send("/page", &[]).await.text(), "http v3");
+    cache_support::settle().await;
+    // The proxy forwards `http` whatever the client claims: the same key, a hit.
+    let spoofed = send("/page", &[("x-forwarded-proto", "https")]).await;
+    assert_eq!(spoofed.text(), "http v3");
+    assert!(spoofed.cache_status().contains("hit"), "{}", spoofed.cache_status());
+    assert_eq!(upstream.hits(), 3);
     shutdown.trigger();
     proxy_support::cleanup(&config).await;
     Ok(())

@@ -255,7 +255,7 @@ impl Cache {
                         let detail = if *tier == CacheTier::Redis { "; detail=redis" } else { "" };
                         let value = format!("{CACHE_NAME}; hit; ttl={ttl}{detail}");
                         self.count(&request.route, CacheStatus::Hit);
-                        return Ok(self.respond(&parts, object, CacheStatus::Hit, value, now));
+                        return Ok(self.respond(&parts.headers, object, CacheStatus::Hit, value, now));
                     }
                     Reuse::StaleAllowed => {
                         return Ok(self.serve_stale(&request, &parts, &primary, object, "max-stale", now));
@@ -305,40 +305,69 @@ impl Cache {
     /// an object for this request that is fresh under the request's own directives. `None` for
     /// everything else (a miss, a Redis-tier object, anything stale, a bypass), which then goes
     /// through [`Self::serve`]; the lookup is repeated there, so this never changes an answer.
+    ///
+    /// `unprepared`: the headers are the client's as received, not yet prepared for the
+    /// upstream, and the function tells which header names forwarding changes. A key header,
+    /// bypass rule or `Vary` name among those must see the prepared headers, so such a lookup
+    /// answers `None` and the caller asks again with them.
+    #[allow(clippy::too_many_arguments)]
     pub async fn fresh_hit(
         &self,
         route: &str,
         policy: &CachePolicy,
         host: &str,
         consumer: Option<&str>,
-        parts: &request::Parts,
+        method: &Method,
+        uri: &http::Uri,
+        headers: &HeaderMap,
+        unprepared: Option<fn(&str) -> bool>,
     ) -> Option<Served> {
         if !policy.enabled {
             return None;
         }
-        let (path, query) = (parts.uri.path(), parts.uri.query());
-        if policy::request_bypass(policy, &parts.method, path, query, &parts.headers).is_some() {
+        if let Some(changes) = unprepared
+            && (policy.key_headers.iter().any(|name| changes(name.as_str()))
+                || policy
+                    .bypass
+                    .iter()
+                    .any(|rule| rule.header.as_deref().is_some_and(|name| changes(&name.trim().to_ascii_lowercase()))))
+        {
             return None;
         }
-        let primary = key::primary_key(policy, host, path, query, &parts.headers, consumer);
+        let (path, query) = (uri.path(), uri.query());
+        if policy::request_bypass(policy, method, path, query, headers).is_some() {
+            return None;
+        }
+        let primary = key::primary_key(policy, host, path, query, headers, consumer);
         let now = unix_now();
         let object = match self.inner.memory.get(&primary).await? {
             Slot::Object(object) => object,
             Slot::Variants { names, generation, .. } => {
-                let variant = key::variant_key(&primary, generation, &policy::secondary_key(&names, &parts.headers));
+                if let Some(changes) = unprepared
+                    && names.iter().any(|name| changes(&name.to_ascii_lowercase()))
+                {
+                    return None;
+                }
+                let variant = key::variant_key(&primary, generation, &policy::secondary_key(&names, headers));
                 match self.inner.memory.get(&variant).await? {
                     Slot::Object(object) => object,
                     Slot::Variants { .. } => return None,
                 }
             }
         };
-        let directives = CacheControl::parse_request(&parts.headers);
+        let directives = CacheControl::parse_request(headers);
         if policy::reuse(&object.freshness, &directives, now) != Reuse::Fresh {
             return None;
         }
-        let value = format!("{CACHE_NAME}; hit; ttl={}", object.freshness.ttl(now));
+        // `proxy-stone; hit; ttl=N`, written without the formatting machinery.
+        let mut ttl = itoa::Buffer::new();
+        let ttl = ttl.format(object.freshness.ttl(now));
+        let mut value = String::with_capacity(CACHE_NAME.len() + 11 + ttl.len());
+        value.push_str(CACHE_NAME);
+        value.push_str("; hit; ttl=");
+        value.push_str(ttl);
         self.count(route, CacheStatus::Hit);
-        Some(self.respond(parts, &object, CacheStatus::Hit, value, now))
+        Some(self.respond(headers, &object, CacheStatus::Hit, value, now))
     }
 
     /// After a successful unsafe method, drops what is stored for the target URI and for
@@ -699,7 +728,7 @@ impl Cache {
         );
         self.count(&request.route, CacheStatus::Revalidated);
         let value = format!("{CACHE_NAME}; fwd=stale; fwd-status=304");
-        self.respond(parts, &merged, CacheStatus::Revalidated, value, response_time)
+        self.respond(&parts.headers, &merged, CacheStatus::Revalidated, value, response_time)
     }
 
     fn serve_stale(
@@ -714,7 +743,7 @@ impl Cache {
         self.emit(CacheAction::StaleServed, &request.route, primary, None, object.body.len() as u64, None, Vec::new());
         self.count(&request.route, CacheStatus::Stale);
         let value = format!("{CACHE_NAME}; hit; ttl={}; detail={why}", object.freshness.ttl(now));
-        self.respond(parts, object, CacheStatus::Stale, value, now)
+        self.respond(&parts.headers, object, CacheStatus::Stale, value, now)
     }
 
     async fn refresh_in_background(
@@ -744,14 +773,14 @@ impl Cache {
     /// object with its current Age.
     fn respond(
         &self,
-        parts: &request::Parts,
+        request_headers: &HeaderMap,
         object: &StoredObject,
         status: CacheStatus,
         cache_status: String,
         now: u64,
     ) -> Served {
         let age = object.freshness.age(now);
-        let not_modified = object.status == StatusCode::OK && policy::not_modified(&parts.headers, &object.headers);
+        let not_modified = object.status == StatusCode::OK && policy::not_modified(request_headers, &object.headers);
         let mut response = if not_modified {
             let mut response = Response::new(empty_body());
             *response.status_mut() = StatusCode::NOT_MODIFIED;
@@ -958,6 +987,8 @@ fn build_object(
     let has_validator = headers.contains_key(header::ETAG) || headers.contains_key(header::LAST_MODIFIED);
     let keep_until = response_time.saturating_add(freshness.keep_s(has_validator));
     let tags = tags_of(&headers);
+    let mut headers = headers;
+    headers.reserve(store::SERVED_EXTRA_HEADERS);
     StoredObject { status, headers, body, freshness, keep_until, tags }
 }
 

@@ -32,6 +32,11 @@ const SWEEP_EVERY: u64 = 256;
 /// How long a Vary marker lives; it is rewritten with every store of a variant.
 const VARIANTS_KEEP_S: u64 = 86_400;
 
+/// Headers every answer from a stored object adds (`Age`, `Cache-Status`, `Via`,
+/// `X-Request-Id`). A stored map is sized for them: a hit clones the map, and a clone keeps the
+/// hash table's size, so adding them does not rehash every header on every hit.
+pub const SERVED_EXTRA_HEADERS: usize = 4;
+
 /// One stored response.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredObject {
@@ -168,7 +173,7 @@ pub fn decode(mut input: Bytes) -> Result<Slot, DecodeError> {
                 tags.push(get_string(&mut input)?);
             }
             let header_count = get_len(&mut input)?;
-            let mut headers = HeaderMap::with_capacity(header_count.min(64));
+            let mut headers = HeaderMap::with_capacity(header_count.min(64) + SERVED_EXTRA_HEADERS);
             for _ in 0..header_count {
                 let name =
                     HeaderName::from_bytes(&get_bytes(&mut input)?).map_err(|_| DecodeError::Invalid("header name"))?;
