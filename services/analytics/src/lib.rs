@@ -10,6 +10,7 @@
 
 pub mod coordinator;
 pub mod feed;
+pub mod layout;
 pub mod partition;
 pub mod rebuild;
 pub mod rows;
@@ -77,6 +78,14 @@ pub async fn build(config: &StoneConfig, shutdown: &Shutdown) -> anyhow::Result<
     );
     shutdown.spawn(reader);
 
+    let relayout = rebuild::Rebuilder {
+        js: js.clone(),
+        clickhouse: clickhouse.clone(),
+        namespace: namespace.clone(),
+        partitions: config.partitions,
+        states: store.clone(),
+        rebuilds: rebuilds.clone(),
+    };
     let context = Arc::new(ProjectorContext {
         dead_letter_subject: namespace
             .dead_letter_subject(&namespace.stream_name(DEADLETTER), &config.analytics.consumer),
@@ -100,6 +109,16 @@ pub async fn build(config: &StoneConfig, shutdown: &Shutdown) -> anyhow::Result<
         lease_ttl: Duration::from_millis(config.analytics.lease_ttl_ms),
     });
     shutdown.spawn(coordinator::run(context, config.partitions, shutdown.token()));
+    // Tables whose layout no migration can change (see `layout`): re-laid out under the rebuild
+    // pause while the workers run, waiting for any rebuild in progress.
+    let token = shutdown.token();
+    shutdown.spawn(async move {
+        match layout::ensure(&relayout, &token).await {
+            Ok(()) => {}
+            Err(_) if token.is_cancelled() => {}
+            Err(error) => tracing::error!(error = %format!("{error:#}"), "table re-layout failed"),
+        }
+    });
 
     let readiness = Readiness::new(&[]);
     let token = shutdown.token();

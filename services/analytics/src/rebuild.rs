@@ -392,7 +392,7 @@ impl Rebuilder {
 
     /// Waits until every partition is paused for this rebuild, marking unowned ones itself, and
     /// returns the final checkpoints.
-    async fn pause_all(&self, tracker: &Tracker) -> anyhow::Result<Vec<u64>> {
+    pub(crate) async fn pause_all(&self, tracker: &Tracker) -> anyhow::Result<Vec<u64>> {
         let id = tracker.status().id;
         let deadline = Instant::now() + PAUSE_TIMEOUT;
         let mut committed = vec![0; usize::from(self.partitions)];
@@ -472,7 +472,7 @@ struct View {
 
 /// Replaces `database.name` (as a whole identifier, optionally back-quoted) with
 /// `database.renamed` in a `CREATE` statement.
-fn rename_qualified(sql: &str, database: &str, name: &str, renamed: &str) -> String {
+pub(crate) fn rename_qualified(sql: &str, database: &str, name: &str, renamed: &str) -> String {
     let mut out = sql.to_owned();
     for (from, to) in [
         (format!("{database}.{name}"), format!("{database}.{renamed}")),

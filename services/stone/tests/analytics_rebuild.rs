@@ -18,12 +18,7 @@ use stone_kit::{Shutdown, StoneConfig};
 use time::OffsetDateTime;
 
 fn config() -> StoneConfig {
-    let mut config = stone_kit::testing::isolated("rb");
-    config.partitions = 4;
-    config.analytics.batch_max_wait_ms = 50;
-    config.analytics.batch_max_rows = 2_000;
-    config.analytics.lease_ttl_ms = 3_000;
-    config
+    analytics_support::quick_projector_config("rb")
 }
 
 /// Groups of `consumer_usage_1h` that disagree with an aggregate over the raw rows.

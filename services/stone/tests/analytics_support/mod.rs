@@ -106,7 +106,16 @@ pub async fn assert_exactly_once(config: &StoneConfig, expected: u64) -> TestRes
     assert_eq!((rows, distinct), (expected, expected), "raw rows and distinct event ids");
     for rollup in ["requests_1m", "requests_1h"] {
         let bucket = if rollup == "requests_1m" { "toStartOfMinute(time)" } else { "toStartOfHour(time)" };
-        let total: u64 = client.query(&format!("SELECT sum(requests) FROM {rollup}")).fetch_one().await?;
+        // One insert writes the raw part first and its views' blocks after it, so a reader can see
+        // the raw rows of the last insert before its rollup rows: wait for them (bounded).
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let total = loop {
+            let total: u64 = client.query(&format!("SELECT sum(requests) FROM {rollup}")).fetch_one().await?;
+            if total >= expected || tokio::time::Instant::now() > deadline {
+                break total;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
         assert_eq!(total, expected, "{rollup} total");
         // Groups where the rollup and the raw aggregate disagree on count or bytes.
         let sql = format!(
@@ -127,14 +136,23 @@ pub async fn assert_exactly_once(config: &StoneConfig, expected: u64) -> TestRes
     Ok(())
 }
 
-/// Deletes the test's streams, state bucket and database.
+/// An isolated configuration (namespace and database named from `prefix`) for a projector that
+/// commits small batches quickly and hands partitions over within seconds.
+pub fn quick_projector_config(prefix: &str) -> StoneConfig {
+    let mut config = stone_kit::testing::isolated(prefix);
+    config.partitions = 4;
+    config.analytics.batch_max_wait_ms = 50;
+    config.analytics.batch_max_rows = 2_000;
+    config.analytics.lease_ttl_ms = 3_000;
+    config
+}
+
+/// Deletes the test's streams, KV buckets and database.
 pub async fn cleanup(config: &StoneConfig) {
     if let Ok(client) = async_nats::connect(config.nats_url.as_str()).await {
-        let js = async_nats::jetstream::new(client);
-        for base in ["EVENTS", "CONFIG", "DEADLETTER"] {
-            let _ = js.delete_stream(config.namespace().stream_name(base)).await;
-        }
-        let _ = js.delete_key_value(config.namespace().bucket_name(stone_analytics::STATE_BUCKET)).await;
+        // Every stream and bucket of the namespace, the REBUILDS bucket included (a list of
+        // names here left one behind per test).
+        stone_kit::nats::delete_namespace(&async_nats::jetstream::new(client), &config.namespace()).await;
     }
     let server = clickhouse::Client::default().with_url(&config.clickhouse_url);
     let _ = server.query(&format!("DROP DATABASE IF EXISTS `{}`", config.clickhouse_database)).execute().await;
