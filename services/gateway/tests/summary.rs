@@ -87,10 +87,9 @@ impl TestApp {
         self.shutdown.drain(Duration::from_secs(5)).await?;
         self.gateway.stopped().await?;
         if let Ok(client) = async_nats::connect(self.config.nats_url.as_str()).await {
-            let js = async_nats::jetstream::new(client);
-            for base in ["EVENTS", "CONFIG", "DEADLETTER"] {
-                let _ = js.delete_stream(self.config.namespace().stream_name(base)).await;
-            }
+            // Every stream and bucket of the namespace: the gateway also creates the REBUILDS
+            // and ANALYTICS buckets, which a list of stream names left behind on every run.
+            stone_kit::nats::delete_namespace(&async_nats::jetstream::new(client), &self.config.namespace()).await;
         }
         let server = stone_kit::clickhouse::client(&StoneConfig {
             clickhouse_database: "default".to_owned(),
