@@ -93,8 +93,6 @@ async fn clickhouse_down_then_back_loses_nothing_and_doubles_nothing() -> TestRe
 
         switch.set_up(false);
         publish_requests(&mut publisher, 5_000, 10_000, now).await?;
-        tokio::time::sleep(Duration::from_secs(3)).await;
-        assert_eq!(raw_count(&config).await, 5_000, "nothing can be written while ClickHouse is down");
 
         // The lag is on record while the projector waits, and the gateway shows it.
         let api_shutdown = Shutdown::new();
@@ -111,7 +109,16 @@ async fn clickhouse_down_then_back_loses_nothing_and_doubles_nothing() -> TestRe
             stone_gateway::analytics::projections::routes(projections),
             api_shutdown.token(),
         ));
-        let lag = get_json(&format!("http://{api}/v1/projections")).await?;
+        // The projector records the lag when an insert fails and again at every retry; a busy
+        // machine may take a while to get there, so poll (bounded) instead of reading once.
+        let mut lag = serde_json::Value::Null;
+        for _ in 0..150 {
+            lag = get_json(&format!("http://{api}/v1/projections")).await?;
+            if outage_is_reported(&lag) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
         let analytics = &lag["projections"][0];
         assert_eq!(analytics["name"], "analytics", "{lag}");
         assert!(analytics["pending_events"].as_u64().unwrap_or(0) > 0, "pending events during the outage: {lag}");
@@ -123,6 +130,7 @@ async fn clickhouse_down_then_back_loses_nothing_and_doubles_nothing() -> TestRe
         // compare-and-set, so counts stay exact, which is what this test is about.
         assert!(partitions.iter().any(|partition| partition["owned"] == true), "{lag}");
         assert!(partitions.iter().any(|partition| partition["batch_in_flight"] == true), "{lag}");
+        assert_eq!(raw_count(&config).await, 5_000, "nothing can be written while ClickHouse is down");
 
         switch.set_up(true);
         let count = wait_for_count(&config, 15_000, Duration::from_secs(60)).await;
@@ -149,11 +157,23 @@ async fn clickhouse_down_then_back_loses_nothing_and_doubles_nothing() -> TestRe
     outcome
 }
 
+/// Lag on record, a partition owned and a batch waiting for ClickHouse.
+fn outage_is_reported(lag: &serde_json::Value) -> bool {
+    let analytics = &lag["projections"][0];
+    let partitions = analytics["partitions"].as_array().cloned().unwrap_or_default();
+    analytics["pending_events"].as_u64().unwrap_or(0) > 0
+        && analytics["seconds_behind"].as_f64().unwrap_or(0.0) > 0.0
+        && partitions.iter().any(|partition| partition["owned"] == true)
+        && partitions.iter().any(|partition| partition["batch_in_flight"] == true)
+}
+
 async fn get_json(url: &str) -> TestResult<serde_json::Value> {
     use http_body_util::BodyExt;
     let client: hyper_util::client::legacy::Client<_, http_body_util::Empty<bytes::Bytes>> =
         hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
     let response = client.get(url.parse()?).await?;
+    let status = response.status();
     let body = response.into_body().collect().await?.to_bytes();
-    Ok(serde_json::from_slice(&body)?)
+    serde_json::from_slice(&body)
+        .map_err(|error| format!("GET {url}: {status}, not JSON ({error}): {}", String::from_utf8_lossy(&body)).into())
 }
