@@ -11,6 +11,7 @@
 pub mod coordinator;
 pub mod feed;
 pub mod layout;
+pub mod native;
 pub mod partition;
 pub mod rebuild;
 pub mod rows;

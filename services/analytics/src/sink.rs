@@ -10,7 +10,7 @@
 use serde::Serialize;
 use stone_kit::StoneConfig;
 
-use crate::rows::Rows;
+use crate::rows::{RequestRow, Rows};
 use crate::state::PendingBatch;
 
 /// Insert settings that make retries idempotent.
@@ -38,7 +38,7 @@ impl Sink {
     ) -> Result<(), clickhouse::error::Error> {
         let started = std::time::Instant::now();
         for (day, group) in &rows.requests {
-            self.insert_group("requests", partition, batch, *day, group).await?;
+            self.insert_requests(partition, batch, *day, group).await?;
         }
         for (day, group) in &rows.cache {
             self.insert_group("cache_events", partition, batch, *day, group).await?;
@@ -52,6 +52,32 @@ impl Sink {
 
     pub fn token(&self, table: &str, partition: u16, batch: PendingBatch, day: u32) -> String {
         format!("{}-p{partition}-{}-{}-{table}-{day}", self.token_prefix, batch.first, batch.last)
+    }
+
+    /// The request rows of one day, as one Native block (see [`crate::native`]): the bulk of
+    /// every batch, and the format the server parses fastest.
+    async fn insert_requests(
+        &self,
+        partition: u16,
+        batch: PendingBatch,
+        day: u32,
+        rows: &[RequestRow],
+    ) -> Result<(), clickhouse::error::Error> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let block = crate::native::requests_block(rows);
+        // The table name is ours (a constant and a constant suffix), not input.
+        let mut insert =
+            self.clickhouse.insert_formatted_with(format!("INSERT INTO requests{} FORMAT Native", self.table_suffix));
+        for (name, value) in DEDUPLICATION_SETTINGS {
+            insert = insert.with_setting(name, value);
+        }
+        insert = insert.with_setting("insert_deduplication_token", self.token("requests", partition, batch, day));
+        insert.send(block).await?;
+        insert.end().await?;
+        metrics::counter!("stone_analytics_rows_written_total", "table" => "requests").increment(rows.len() as u64);
+        Ok(())
     }
 
     async fn insert_group<T>(

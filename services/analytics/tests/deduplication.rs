@@ -61,7 +61,7 @@ async fn a_partly_committed_batch_is_completed_by_its_retry_without_duplicates()
         // does not evaluate in views (it skips the view and every later one, silently).
         clickhouse.query("DROP VIEW witness_mv").execute().await?;
 
-        // The projector's own inserts (RowBinary, one per table and day): retrying a batch any
+        // The projector's own inserts (one per table and day; Native for requests): retrying a batch any
         // number of times stores it once, raw and rolled up.
         let sink = Sink { clickhouse: clickhouse.clone(), token_prefix: "test".to_owned(), table_suffix: "" };
         let now = OffsetDateTime::now_utc();
