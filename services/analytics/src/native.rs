@@ -5,9 +5,9 @@
 //! value, and for a `LowCardinality(String)` column each value goes through the column's
 //! reverse index one at a time. A batch of 20,000 rows took 95 ms to insert into a table of
 //! this shape, against 23 ms for the same rows in Native with per-block dictionaries and 36 ms
-//! in Native with those columns sent as plain `String` (median of 7, chDB, /tmp/exp method in
-//! docs/benchmarks.md "Native inserts"). The crate's own Native writer (`insert_native`) sends
-//! `LowCardinality` columns as plain strings and has no `DateTime64`, so the block is encoded
+//! in Native with those columns sent as plain `String` (median of 7 on an idle machine, chDB;
+//! `python3 infra/chdb/insert-formats.py`). The crate's own Native writer (`insert_native`)
+//! sends `LowCardinality` columns as plain strings and has no `DateTime64`, so the block is encoded
 //! here and sent with the crate's `insert_formatted_with`.
 //!
 //! The layout, as a ClickHouse server writes it (`SELECT … FORMAT Native` over HTTP):
