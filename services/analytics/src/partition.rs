@@ -103,6 +103,11 @@ const PAUSE_POLL: Duration = Duration::from_millis(200);
 /// The key of this projection's rebuild record.
 pub const REBUILD_KEY: &str = "analytics";
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// How long a batch may wait to fill while its partition is behind. A backlog (a projector
+/// catching up after an outage, a restart or a burst) is then written in batches of
+/// `analytics.batch_max_rows`: each insert costs ClickHouse a part in the raw table and in every
+/// rollup whatever its size, so many small inserts are what keeps a projector behind.
+const CATCH_UP_WAIT: Duration = Duration::from_secs(2);
 /// How long one round of a replay waits for the pending range to be read back.
 const REPLAY_WAIT: Duration = Duration::from_secs(1);
 /// Rounds after which a pending range that does not come back is an error (the worker starts
@@ -157,18 +162,38 @@ impl Reader {
         }
     }
 
-    /// Up to `max` events, waiting at most `wait` for more when fewer are there.
+    /// Up to `max` events, waiting at most `wait` for more when fewer are there; while the
+    /// partition is behind (the stream already holds enough of its events to fill the batch),
+    /// waiting up to `catch_up_wait` instead, so a backlog is written in full batches.
     async fn next_batch(
         &mut self,
         max: usize,
         wait: Duration,
+        catch_up_wait: Duration,
+        partitions: u16,
         token: &CancellationToken,
     ) -> Result<Vec<Delivered>, StepError> {
-        let deadline = Instant::now() + wait;
+        let started = Instant::now();
+        let mut deadline = started + wait;
         loop {
             self.drain(max)?;
-            if self.buffer.len() >= max || Instant::now() >= deadline || token.is_cancelled() {
+            if self.buffer.len() >= max || token.is_cancelled() {
                 break;
+            }
+            if Instant::now() >= deadline {
+                let behind = self.buffer.back().is_some_and(|newest| {
+                    // This partition's share of what the stream holds after the newest event
+                    // received (event ids, hence partitions, are uniform).
+                    let ours = newest.stream_pending / u64::from(partitions.max(1));
+                    ours >= (max - self.buffer.len()) as u64
+                });
+                let longest = started + catch_up_wait.max(wait);
+                if !behind || deadline >= longest {
+                    break;
+                }
+                deadline = longest;
+                metrics::counter!("stone_analytics_catch_up_waits_total").increment(1);
+                continue;
             }
             self.receive_until(deadline, token).await?;
         }
@@ -363,7 +388,15 @@ impl Worker<'_> {
 
     /// One batch: read, record the intent, write, commit.
     async fn step(&mut self, reader: &mut Reader, release: &CancellationToken) -> Result<(), StepError> {
-        let batch = reader.next_batch(self.context.batch_max_rows, self.context.batch_max_wait, release).await?;
+        let batch = reader
+            .next_batch(
+                self.context.batch_max_rows,
+                self.context.batch_max_wait,
+                CATCH_UP_WAIT,
+                self.context.partitions,
+                release,
+            )
+            .await?;
         let backlog = reader.backlog();
         self.project_range(batch, None, backlog, release).await
     }
@@ -471,6 +504,8 @@ impl Worker<'_> {
         // 4. Commit.
         let lag = Some((self.pending_estimate(last.stream_pending, backlog), last.published));
         self.commit(Some(last_sequence), fresh.len() as u64, lag).await?;
+        metrics::histogram!("stone_analytics_batch_events").record(fresh.len() as f64);
+        tracing::debug!(partition = self.partition, events = fresh.len(), "batch committed");
         metrics::counter!("stone_analytics_events_total", "outcome" => "committed")
             .increment(fresh.len() as u64 - dead_letters);
         metrics::counter!("stone_analytics_events_total", "outcome" => "dead_lettered").increment(dead_letters);
