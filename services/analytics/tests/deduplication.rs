@@ -11,18 +11,13 @@
 use stone_analytics::rows::{RequestRow, Rows};
 use stone_analytics::sink::Sink;
 use stone_analytics::state::PendingBatch;
-use stone_kit::StoneConfig;
 use time::OffsetDateTime;
 
 type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
 
 #[tokio::test]
 async fn a_partly_committed_batch_is_completed_by_its_retry_without_duplicates() -> TestResult {
-    let mut config = StoneConfig::default();
-    if let Ok(url) = std::env::var("STONE_CLICKHOUSE_URL") {
-        config.clickhouse_url = url;
-    }
-    config.clickhouse_database = format!("dedup_{}", uuid::Uuid::now_v7().simple());
+    let config = stone_kit::testing::isolated("dedup");
     let outcome = async {
         stone_kit::clickhouse::migrate(&config).await?;
         let clickhouse = stone_kit::clickhouse::client(&config);
@@ -78,8 +73,7 @@ async fn a_partly_committed_batch_is_completed_by_its_retry_without_duplicates()
         Ok::<_, Box<dyn std::error::Error + Send + Sync>>(())
     }
     .await;
-    let server = clickhouse::Client::default().with_url(&config.clickhouse_url);
-    let _ = server.query(&format!("DROP DATABASE IF EXISTS `{}`", config.clickhouse_database)).execute().await;
+    stone_kit::testing::cleanup(&config).await;
     outcome
 }
 

@@ -11,18 +11,13 @@
 use stone_analytics::rows::{RequestRow, Rows};
 use stone_analytics::sink::Sink;
 use stone_analytics::state::PendingBatch;
-use stone_kit::StoneConfig;
 use time::OffsetDateTime;
 
 type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
 
 #[tokio::test]
 async fn native_inserts_store_exactly_what_rowbinary_stores() -> TestResult {
-    let mut config = StoneConfig::default();
-    if let Ok(url) = std::env::var("STONE_CLICKHOUSE_URL") {
-        config.clickhouse_url = url;
-    }
-    config.clickhouse_database = format!("native_{}", uuid::Uuid::now_v7().simple());
+    let config = stone_kit::testing::isolated("native");
     let outcome = async {
         stone_kit::clickhouse::migrate(&config).await?;
         let clickhouse = stone_kit::clickhouse::client(&config);
@@ -86,7 +81,6 @@ async fn native_inserts_store_exactly_what_rowbinary_stores() -> TestResult {
         Ok::<_, Box<dyn std::error::Error + Send + Sync>>(())
     }
     .await;
-    let server = clickhouse::Client::default().with_url(&config.clickhouse_url);
-    let _ = server.query(&format!("DROP DATABASE IF EXISTS `{}`", config.clickhouse_database)).execute().await;
+    stone_kit::testing::cleanup(&config).await;
     outcome
 }

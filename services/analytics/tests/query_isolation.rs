@@ -7,8 +7,6 @@
 
 #![allow(clippy::panic, clippy::unwrap_used, clippy::expect_used)]
 
-use stone_kit::StoneConfig;
-
 type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
 
 #[derive(Debug, PartialEq, clickhouse::Row, serde::Deserialize)]
@@ -24,10 +22,7 @@ const QUERY: &str = "SELECT currentDatabase() AS database, \
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_query_sees_its_own_database_and_settings_only() -> TestResult {
-    let mut config = StoneConfig::default();
-    if let Ok(url) = std::env::var("STONE_CLICKHOUSE_URL") {
-        config.clickhouse_url = url;
-    }
+    let config = stone_kit::testing::isolated("iso");
     let server = clickhouse::Client::default().with_url(&config.clickhouse_url);
     let plain: Seen = server.query(QUERY).fetch_one().await?;
     assert_eq!(plain.database, "default");
