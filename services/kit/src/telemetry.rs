@@ -39,6 +39,13 @@ pub fn metrics_handle() -> &'static PrometheusHandle {
     })
 }
 
+/// The value of an unlabelled sample (a counter, a gauge, or a summary's `_count`/`_sum`) as
+/// this process's recorder renders it now; `None` when nothing was recorded under that name.
+/// For benchmarks and tests that run a service in-process and want to read what it counted.
+pub fn sample(name: &str) -> Option<f64> {
+    metrics_handle().render().lines().find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
 /// Keeps the trace exporter alive; flushes it on drop.
 #[derive(Debug, Default)]
 pub struct TelemetryGuard {

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use analytics_support::*;
 use stone_kit::Shutdown;
+use stone_kit::telemetry::sample;
 use time::OffsetDateTime;
 
 const EVENTS: u64 = 24_000;
@@ -37,8 +38,8 @@ async fn a_backlog_is_written_in_full_batches_and_counted_once() -> TestResult {
         let _ = shutdown.drain(Duration::from_secs(10)).await;
 
         let rendered = metrics.render();
-        let batches = sample(&rendered, "stone_analytics_batch_events_count");
-        let events = sample(&rendered, "stone_analytics_batch_events_sum");
+        let batches = sample("stone_analytics_batch_events_count").unwrap_or_else(|| panic!("{rendered}"));
+        let events = sample("stone_analytics_batch_events_sum").unwrap_or_else(|| panic!("{rendered}"));
         assert_eq!(events, EVENTS as f64, "{rendered}");
         // 12 full batches of 2,000 (6 per partition). Once a partition's share of what is left
         // in the stream is less than a batch it is caught up and flushes what it has, so each
@@ -53,12 +54,4 @@ async fn a_backlog_is_written_in_full_batches_and_counted_once() -> TestResult {
     .await;
     cleanup(&config).await;
     outcome
-}
-
-/// The value of an unlabelled sample in Prometheus text.
-fn sample(rendered: &str, name: &str) -> f64 {
-    rendered
-        .lines()
-        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {name} in:\n{rendered}"))
 }

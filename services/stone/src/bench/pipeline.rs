@@ -124,7 +124,9 @@ async fn measure(config: &StoneConfig, args: &PipelineBenchArgs) -> anyhow::Resu
         ),
     );
 
-    // 3. The projector.
+    // 3. The projector. Its batch sizes are read back from this process's metrics recorder,
+    // which must be in place before it records anything.
+    stone_kit::telemetry::metrics_handle();
     let shutdown = Shutdown::new();
     let started = Instant::now();
     stone_analytics::build(config, &shutdown).await?;
@@ -157,6 +159,8 @@ async fn measure(config: &StoneConfig, args: &PipelineBenchArgs) -> anyhow::Resu
             pipeline_rate / consume_rate
         ),
     );
+    let batches = Batches::now();
+    line(&mut report, format!("  {batches}"));
 
     // 4. Freshness through the gateway's API.
     let gateway_shutdown = Shutdown::new();
@@ -173,6 +177,7 @@ async fn measure(config: &StoneConfig, args: &PipelineBenchArgs) -> anyhow::Resu
             args.rate, args.seconds
         ),
     );
+    line(&mut report, format!("  {}", Batches::now().since(&batches)));
 
     // 5. Endpoint latency over `--latency-rows` stored events.
     let stored: u64 = clickhouse.query("SELECT count() FROM requests").fetch_one().await?;
@@ -386,4 +391,32 @@ async fn cleanup(config: &StoneConfig) {
     }
     let server = clickhouse::Client::default().with_url(&config.clickhouse_url);
     let _ = server.query(&format!("DROP DATABASE IF EXISTS `{}`", config.clickhouse_database)).execute().await;
+}
+
+/// The projector's inserts so far (`stone_analytics_batch_events`): each costs ClickHouse a part
+/// in the raw table and in every rollup, so their number, not only the events, drives the
+/// pipeline's cost.
+struct Batches {
+    inserts: f64,
+    events: f64,
+}
+
+impl Batches {
+    fn now() -> Self {
+        Self {
+            inserts: stone_kit::telemetry::sample("stone_analytics_batch_events_count").unwrap_or(0.0),
+            events: stone_kit::telemetry::sample("stone_analytics_batch_events_sum").unwrap_or(0.0),
+        }
+    }
+
+    fn since(&self, earlier: &Self) -> Self {
+        Self { inserts: self.inserts - earlier.inserts, events: self.events - earlier.events }
+    }
+}
+
+impl std::fmt::Display for Batches {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mean = if self.inserts > 0.0 { self.events / self.inserts } else { 0.0 };
+        write!(f, "{:.0} batches inserted, {mean:.0} events per batch on average", self.inserts)
+    }
 }
