@@ -13,10 +13,6 @@ use stone_kit::StoneConfig;
 use crate::rows::{RequestRow, Rows};
 use crate::state::PendingBatch;
 
-/// Insert settings that make retries idempotent.
-const DEDUPLICATION_SETTINGS: [(&str, &str); 2] =
-    [("insert_deduplicate", "1"), ("deduplicate_blocks_in_dependent_materialized_views", "1")];
-
 /// Where a batch goes and under which names.
 #[derive(Clone)]
 pub struct Sink {
@@ -54,6 +50,16 @@ impl Sink {
         format!("{}-p{partition}-{}-{}-{table}-{day}", self.token_prefix, batch.first, batch.last)
     }
 
+    /// The settings that make an insert of `table`'s rows of `day` from `batch` repeatable: the
+    /// same batch always gets the same token, whichever format carries it.
+    fn idempotent(&self, table: &str, partition: u16, batch: PendingBatch, day: u32) -> [(&'static str, String); 3] {
+        [
+            ("insert_deduplicate", "1".to_owned()),
+            ("deduplicate_blocks_in_dependent_materialized_views", "1".to_owned()),
+            ("insert_deduplication_token", self.token(table, partition, batch, day)),
+        ]
+    }
+
     /// The request rows of one day, as one Native block (see [`crate::native`]): the bulk of
     /// every batch, and the format the server parses fastest.
     async fn insert_requests(
@@ -70,10 +76,9 @@ impl Sink {
         // The table name is ours (a constant and a constant suffix), not input.
         let mut insert =
             self.clickhouse.insert_formatted_with(format!("INSERT INTO requests{} FORMAT Native", self.table_suffix));
-        for (name, value) in DEDUPLICATION_SETTINGS {
+        for (name, value) in self.idempotent("requests", partition, batch, day) {
             insert = insert.with_setting(name, value);
         }
-        insert = insert.with_setting("insert_deduplication_token", self.token("requests", partition, batch, day));
         insert.send(block).await?;
         insert.end().await?;
         metrics::counter!("stone_analytics_rows_written_total", "table" => "requests").increment(rows.len() as u64);
@@ -96,10 +101,9 @@ impl Sink {
         }
         let name = format!("{table}{}", self.table_suffix);
         let mut insert = self.clickhouse.insert::<T>(&name).await?;
-        for (name, value) in DEDUPLICATION_SETTINGS {
+        for (name, value) in self.idempotent(table, partition, batch, day) {
             insert = insert.with_setting(name, value);
         }
-        insert = insert.with_setting("insert_deduplication_token", self.token(table, partition, batch, day));
         for row in rows {
             insert.write(row).await?;
         }
