@@ -95,6 +95,7 @@ impl Feed {
             consumer: None,
             position: 0,
             reopen: false,
+            dispatched: metrics::counter!("stone_analytics_feed_events_total"),
         };
         (Self { requests, capacity: capacity.max(1) }, reader.run(token))
     }
@@ -128,6 +129,8 @@ struct Reader {
     position: u64,
     /// A subscriber needs something else than `position`: recreate the consumer.
     reopen: bool,
+    /// Events handed to partition workers (`stone_analytics_feed_events_total`).
+    dispatched: metrics::Counter,
 }
 
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
@@ -239,6 +242,8 @@ impl Reader {
             if sent.is_err() {
                 // The worker stopped; a new subscription of the partition comes as a request.
                 self.targets.remove(&partition);
+            } else {
+                self.dispatched.increment(1);
             }
         }
         for target in self.targets.values_mut() {

@@ -3,6 +3,9 @@
 //! versions), insert them into ClickHouse, and only then advance the checkpoint.
 //!
 //! Per batch, in this order:
+//! 0. the worker takes one of the instance's insert slots (`analytics.insert_concurrency`) and
+//!    adds to the batch what arrived while it waited, so a slow ClickHouse receives fewer, larger
+//!    inserts rather than one small insert per partition and flush interval;
 //! 1. the batch's range is written to the partition state as `pending` (a compare-and-set that
 //!    also proves we still own the partition and extends the lease);
 //! 2. undecodable events go to DEADLETTER (idempotent: the message id is the stream sequence);
@@ -26,6 +29,7 @@ use async_nats::jetstream::{self, kv};
 use stone_events::streams::headers;
 use stone_events::{Event, Namespace, decode};
 use time::OffsetDateTime;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::feed::{Delivered, Feed, Subscription};
@@ -54,6 +58,9 @@ pub struct ProjectorContext {
     pub batch_max_rows: usize,
     pub batch_max_wait: Duration,
     pub lease_ttl: Duration,
+    /// The instance's insert slots (`analytics.insert_concurrency`): a batch is inserted only
+    /// while its worker holds one.
+    pub inserts: Arc<Semaphore>,
 }
 
 impl ProjectorContext {
@@ -199,6 +206,16 @@ impl Reader {
         }
         let take = self.buffer.len().min(max);
         Ok(self.buffer.drain(..take).collect())
+    }
+
+    /// Adds to `batch` what arrived since it was taken, up to `max` events in all. The batch and
+    /// the buffer are consecutive in stream order, so the batch stays one range.
+    fn top_up(&mut self, batch: &mut Vec<Delivered>, max: usize) -> Result<(), StepError> {
+        let room = max.saturating_sub(batch.len());
+        self.drain(room)?;
+        let take = self.buffer.len().min(room);
+        batch.extend(self.buffer.drain(..take));
+        Ok(())
     }
 
     /// Buffers every event up to stream sequence `last`; `true` once they all are (the feed has
@@ -388,7 +405,7 @@ impl Worker<'_> {
 
     /// One batch: read, record the intent, write, commit.
     async fn step(&mut self, reader: &mut Reader, release: &CancellationToken) -> Result<(), StepError> {
-        let batch = reader
+        let mut batch = reader
             .next_batch(
                 self.context.batch_max_rows,
                 self.context.batch_max_wait,
@@ -397,8 +414,36 @@ impl Worker<'_> {
                 release,
             )
             .await?;
+        if !batch.is_empty() {
+            let Some(_slot) = self.insert_slot(release).await? else { return Ok(()) };
+            // What arrived while the slot was busy joins this insert instead of waiting for
+            // the next one: a slow ClickHouse gets fewer, larger inserts.
+            reader.top_up(&mut batch, self.context.batch_max_rows)?;
+            let backlog = reader.backlog();
+            return self.project_range(batch, None, backlog, release).await;
+        }
         let backlog = reader.backlog();
         self.project_range(batch, None, backlog, release).await
+    }
+
+    /// Waits for one of the instance's insert slots, keeping the lease (and the lag on record)
+    /// meanwhile; `None` when the partition is released first.
+    async fn insert_slot(&mut self, release: &CancellationToken) -> Result<Option<OwnedSemaphorePermit>, StepError> {
+        let started = Instant::now();
+        let acquire = Arc::clone(&self.context.inserts).acquire_owned();
+        tokio::pin!(acquire);
+        loop {
+            tokio::select! {
+                slot = &mut acquire => {
+                    metrics::histogram!("stone_analytics_insert_slot_wait_seconds")
+                        .record(started.elapsed().as_secs_f64());
+                    let slot = slot.map_err(|_| StepError::Nats("the insert slots are closed".to_owned()))?;
+                    return Ok(Some(slot));
+                }
+                () = tokio::time::sleep(self.context.lease_ttl / 3) => self.renew().await?,
+                () = release.cancelled() => return Ok(None),
+            }
+        }
     }
 
     /// Re-reads the range an earlier attempt recorded as pending and writes it again; `false`
@@ -428,6 +473,7 @@ impl Worker<'_> {
             events = batch.len(),
             "replaying pending batch"
         );
+        let Some(_slot) = self.insert_slot(release).await? else { return Ok(true) };
         let backlog = reader.backlog();
         self.project_range(batch, Some(pending), backlog, release).await?;
         Ok(true)

@@ -350,6 +350,10 @@ pub struct AnalyticsConfig {
     pub batch_max_rows: usize,
     /// …or when its oldest event has waited this long.
     pub batch_max_wait_ms: u64,
+    /// Inserts this instance runs at once, across its partitions. A partition whose batch is
+    /// ready waits for a slot and meanwhile keeps adding what arrives (up to `batch_max_rows`),
+    /// so a slow ClickHouse receives fewer, larger inserts instead of more concurrent small ones.
+    pub insert_concurrency: usize,
     /// This instance's name in partition leases; `analytics-<hostname>-<pid>` when empty.
     pub instance_id: String,
     /// A partition lease not renewed for this long may be taken over by another instance.
@@ -367,6 +371,7 @@ impl Default for AnalyticsConfig {
             consumer: "analytics".to_owned(),
             batch_max_rows: 20_000,
             batch_max_wait_ms: 200,
+            insert_concurrency: 1,
             instance_id: String::new(),
             lease_ttl_ms: 10_000,
             retention_days: 30,
@@ -470,6 +475,9 @@ impl StoneConfig {
         if !(1..=1_000_000).contains(&self.analytics.batch_max_rows) {
             // One batch must stay one ClickHouse block per table and day (max_insert_block_size).
             return Err(invalid("analytics.batch_max_rows", "must be between 1 and 1000000"));
+        }
+        if !(1..=64).contains(&self.analytics.insert_concurrency) {
+            return Err(invalid("analytics.insert_concurrency", "must be between 1 and 64"));
         }
         if self.analytics.lease_ttl_ms < 1_000 {
             return Err(invalid("analytics.lease_ttl_ms", "must be at least 1000"));
@@ -597,6 +605,8 @@ mod tests {
         assert!(bad_window.as_deref().is_some_and(|m| m.contains("events.duplicate_window_secs")), "{bad_window:?}");
         let half_tls = load_in_jail(Some("[proxy.tls]\ncert_path = \"cert.pem\"\n"), &[]).err();
         assert!(half_tls.as_deref().is_some_and(|m| m.contains("proxy.tls.key_path")), "{half_tls:?}");
+        let no_inserts = load_in_jail(Some("[analytics]\ninsert_concurrency = 0\n"), &[]).err();
+        assert!(no_inserts.as_deref().is_some_and(|m| m.contains("analytics.insert_concurrency")), "{no_inserts:?}");
         let bad_env_type = load_in_jail(None, &[("STONE_PARTITIONS", "many")]).err();
         assert!(
             bad_env_type.as_deref().is_some_and(|m| m.contains("STONE_") && m.contains("PARTITIONS")),

@@ -56,6 +56,9 @@ pub struct PipelineBenchArgs {
     /// `analytics.batch_max_wait_ms` of the projector (default: the configuration's).
     #[arg(long)]
     batch_max_wait_ms: Option<u64>,
+    /// `analytics.insert_concurrency` of the projector (default: the configuration's).
+    #[arg(long)]
+    insert_concurrency: Option<usize>,
     /// Keep the bench's streams and database afterwards.
     #[arg(long)]
     keep: bool,
@@ -75,6 +78,9 @@ pub async fn run(base: &StoneConfig, args: PipelineBenchArgs) -> anyhow::Result<
     }
     if let Some(wait) = args.batch_max_wait_ms {
         config.analytics.batch_max_wait_ms = wait;
+    }
+    if let Some(slots) = args.insert_concurrency {
+        config.analytics.insert_concurrency = slots;
     }
     // Room for the events in JetStream without reserving the server's whole storage.
     config.events.max_bytes = i64::try_from(args.events.saturating_mul(1_200).max(256 << 20)).unwrap_or(i64::MAX);
@@ -119,8 +125,11 @@ async fn measure(config: &StoneConfig, args: &PipelineBenchArgs) -> anyhow::Resu
     line(
         &mut report,
         format!(
-            "projector: {} partitions, batch_max_rows {}, batch_max_wait_ms {}",
-            config.partitions, config.analytics.batch_max_rows, config.analytics.batch_max_wait_ms
+            "projector: {} partitions, batch_max_rows {}, batch_max_wait_ms {}, insert_concurrency {}",
+            config.partitions,
+            config.analytics.batch_max_rows,
+            config.analytics.batch_max_wait_ms,
+            config.analytics.insert_concurrency
         ),
     );
 

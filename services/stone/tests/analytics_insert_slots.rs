@@ -1,0 +1,203 @@
+//! `analytics.insert_concurrency`: a partition whose batch is ready waits for one of the
+//! instance's insert slots and adds what arrived meanwhile to that insert. While ClickHouse is slow
+//! the projector then sends fewer, larger inserts, instead of one small insert per partition and
+//! flush interval piling up in the server.
+
+#![allow(clippy::panic, clippy::unwrap_used, clippy::expect_used)]
+
+mod analytics_support;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use analytics_support::*;
+use stone_kit::Shutdown;
+use stone_kit::telemetry::sample;
+use time::OffsetDateTime;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+const BURST: u64 = 400;
+
+/// A TCP relay in front of ClickHouse that can hold requests: while closed, bytes from the
+/// client wait in the relay (the request is neither failed nor answered) until it opens.
+struct Gate {
+    address: SocketAddr,
+    open: watch::Sender<bool>,
+    /// Requests (chunks) currently held.
+    held: Arc<AtomicUsize>,
+    stop: CancellationToken,
+}
+
+impl Gate {
+    async fn start(upstream: String) -> TestResult<Self> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let address = listener.local_addr()?;
+        let (open, _) = watch::channel(true);
+        let held = Arc::new(AtomicUsize::new(0));
+        let stop = CancellationToken::new();
+        let (accept_open, accept_held, accept_stop) = (open.clone(), held.clone(), stop.clone());
+        tokio::spawn(async move {
+            loop {
+                let accepted = tokio::select! {
+                    accepted = listener.accept() => accepted,
+                    () = accept_stop.cancelled() => return,
+                };
+                let Ok((client, _)) = accepted else { continue };
+                let (upstream, mut open, held, stop) =
+                    (upstream.clone(), accept_open.subscribe(), accept_held.clone(), accept_stop.clone());
+                tokio::spawn(async move {
+                    let Ok(server) = TcpStream::connect(upstream).await else { return };
+                    let (mut client_read, mut client_write) = client.into_split();
+                    let (mut server_read, mut server_write) = server.into_split();
+                    let down = tokio::io::copy(&mut server_read, &mut client_write);
+                    let up = async {
+                        let mut buffer = vec![0u8; 64 * 1024];
+                        loop {
+                            let read = client_read.read(&mut buffer).await?;
+                            if read == 0 {
+                                return server_write.shutdown().await;
+                            }
+                            if !*open.borrow_and_update() {
+                                held.fetch_add(1, Ordering::SeqCst);
+                                let opened = open.wait_for(|open| *open).await.map(|_| ());
+                                held.fetch_sub(1, Ordering::SeqCst);
+                                opened.map_err(std::io::Error::other)?;
+                            }
+                            server_write.write_all(&buffer[..read]).await?;
+                        }
+                    };
+                    tokio::select! {
+                        _ = down => {}
+                        _ = up => {}
+                        () = stop.cancelled() => {}
+                    }
+                });
+            }
+        });
+        Ok(Self { address, open, held, stop })
+    }
+
+    fn set_open(&self, open: bool) {
+        self.open.send_replace(open);
+    }
+
+    fn held(&self) -> usize {
+        self.held.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for Gate {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// Polls `condition` every 50 ms for up to 30 s; `false` if it never held.
+async fn eventually(mut condition: impl FnMut() -> bool) -> bool {
+    for _ in 0..600 {
+        if condition() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_batch_takes_what_arrived_while_clickhouse_was_busy() -> TestResult {
+    let mut config = quick_projector_config("slots");
+    config.analytics.insert_concurrency = 1;
+    // Longer than the gate is ever held, so no lease lapses while an insert waits in it.
+    config.analytics.lease_ttl_ms = 15_000;
+    let outcome = async {
+        // The recorder must be in place before the projector records anything.
+        let metrics = stone_kit::telemetry::metrics_handle();
+        let real = config.clickhouse_url.trim_start_matches("http://").trim_end_matches('/').to_owned();
+        let gate = Gate::start(real).await?;
+        let mut projector_config = config.clone();
+        projector_config.clickhouse_url = format!("http://{}", gate.address);
+        let js = jetstream(&config).await?;
+        let mut publisher = publisher(&config, &js);
+        // A first start lays the tables out (`stone_analytics::layout`: a re-layout pauses the
+        // partitions while it talks to ClickHouse, which the closed gate would hold forever).
+        let first = Shutdown::new();
+        stone_analytics::build(&config, &first).await?;
+        let rebuilds = stone_kit::rebuild::open(&js, &config.namespace(), 1).await?;
+        let laid_out = async {
+            for _ in 0..600 {
+                let create: String =
+                    clickhouse(&config).query("SHOW CREATE TABLE requests_1m").fetch_one().await.unwrap_or_default();
+                let record = stone_kit::rebuild::read(&rebuilds, stone_analytics::partition::REBUILD_KEY).await;
+                let settled = record.is_ok_and(|record| record.is_none_or(|status| !status.phase.is_running()));
+                if create.contains("index_granularity = 256") && settled {
+                    return true;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            false
+        };
+        assert!(laid_out.await, "requests_1m was not laid out");
+        first.trigger();
+        let _ = first.drain(Duration::from_secs(10)).await;
+
+        let shutdown = Shutdown::new();
+        stone_analytics::build(&projector_config, &shutdown).await?;
+        // Every partition owned: their watermarks have been read from ClickHouse.
+        let partitions = f64::from(config.partitions);
+        assert!(
+            eventually(|| sample("stone_analytics_partitions_owned") == Some(partitions)).await,
+            "partitions owned: {}",
+            metrics.render()
+        );
+
+        // ClickHouse stops answering. The first ready batch takes the only slot and its insert
+        // waits in the gate; the other partitions' batches wait for the slot.
+        gate.set_open(false);
+        let now = OffsetDateTime::now_utc();
+        publish_requests(&mut publisher, 0, BURST, now).await?;
+        assert!(
+            eventually(|| sample("stone_analytics_insert_slot_wait_seconds_count").is_some_and(|taken| taken >= 1.0))
+                .await,
+            "no batch took the insert slot: {}",
+            metrics.render()
+        );
+        assert!(eventually(|| gate.held() > 0).await, "no request reached ClickHouse");
+        // More events arrive while the batches wait.
+        publish_requests(&mut publisher, BURST, BURST, now).await?;
+        let handed = (2 * BURST) as f64;
+        assert!(
+            eventually(|| sample("stone_analytics_feed_events_total").is_some_and(|events| events >= handed)).await,
+            "the feed did not hand over both bursts: {}",
+            metrics.render()
+        );
+        gate.set_open(true);
+
+        assert_eq!(wait_for_count(&config, 2 * BURST, Duration::from_secs(60)).await, 2 * BURST);
+        shutdown.trigger();
+        let _ = shutdown.drain(Duration::from_secs(10)).await;
+
+        let rendered = metrics.render();
+        let inserts = sample("stone_analytics_batch_events_count").unwrap_or_else(|| panic!("{rendered}"));
+        let events = sample("stone_analytics_batch_events_sum").unwrap_or_else(|| panic!("{rendered}"));
+        assert_eq!(events, handed, "{rendered}");
+        // The held insert (part of the first burst), then one insert per other partition
+        // holding both bursts (their waiting batches took the second burst in), then the rest of
+        // the first partition: 5 for 4 partitions. Batches that keep what they held when they
+        // started waiting (or unbounded concurrent inserts) make 8: each partition once per burst.
+        eprintln!("{inserts} inserts for {handed} events");
+        assert!(
+            inserts <= partitions + 1.0,
+            "{inserts} inserts for two bursts on {partitions} partitions:\n{rendered}"
+        );
+        assert_exactly_once(&config, 2 * BURST).await?;
+        Ok::<_, Box<dyn std::error::Error + Send + Sync>>(())
+    }
+    .await;
+    cleanup(&config).await;
+    outcome
+}
