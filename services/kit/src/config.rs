@@ -371,7 +371,7 @@ impl Default for AnalyticsConfig {
             consumer: "analytics".to_owned(),
             batch_max_rows: 20_000,
             batch_max_wait_ms: 200,
-            insert_concurrency: 1,
+            insert_concurrency: 2,
             instance_id: String::new(),
             lease_ttl_ms: 10_000,
             retention_days: 30,
