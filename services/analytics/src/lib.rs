@@ -109,6 +109,7 @@ pub async fn build(config: &StoneConfig, shutdown: &Shutdown) -> anyhow::Result<
         batch_max_wait: Duration::from_millis(config.analytics.batch_max_wait_ms),
         lease_ttl: Duration::from_millis(config.analytics.lease_ttl_ms),
         inserts: Arc::new(tokio::sync::Semaphore::new(config.analytics.insert_concurrency)),
+        insert_timeout: Duration::from_millis(config.analytics.insert_timeout_ms),
     });
     shutdown.spawn(coordinator::run(context, config.partitions, shutdown.token()));
     // Tables whose layout no migration can change (see `layout`): re-laid out under the rebuild

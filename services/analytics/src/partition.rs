@@ -61,6 +61,8 @@ pub struct ProjectorContext {
     /// The instance's insert slots (`analytics.insert_concurrency`): a batch is inserted only
     /// while its worker holds one.
     pub inserts: Arc<Semaphore>,
+    /// How long an insert may go unanswered before it is abandoned and retried.
+    pub insert_timeout: Duration,
 }
 
 impl ProjectorContext {
@@ -528,7 +530,18 @@ impl Worker<'_> {
         // 3. Insert until ClickHouse takes it, renewing the lease meanwhile.
         let mut delay = MIN_BACKOFF;
         loop {
-            match self.context.sink.insert(self.partition, range, &rows).await {
+            let timeout = self.context.insert_timeout;
+            let outcome =
+                match tokio::time::timeout(timeout, self.context.sink.insert(self.partition, range, &rows)).await {
+                    Ok(outcome) => outcome.map_err(|error| error.to_string()),
+                    Err(_) => {
+                        // Abandoned, not failed: ClickHouse may still commit it, and the retry's
+                        // tokens make that harmless.
+                        metrics::counter!("stone_analytics_insert_timeouts_total").increment(1);
+                        Err(format!("no answer within {} ms", timeout.as_millis()))
+                    }
+                };
+            match outcome {
                 Ok(()) => break,
                 Err(error) => {
                     metrics::counter!("stone_analytics_errors_total", "kind" => "clickhouse").increment(1);

@@ -354,6 +354,9 @@ pub struct AnalyticsConfig {
     /// ready waits for a slot and meanwhile keeps adding what arrives (up to `batch_max_rows`),
     /// so a slow ClickHouse receives fewer, larger inserts instead of more concurrent small ones.
     pub insert_concurrency: usize,
+    /// An insert without an answer this long is abandoned and retried with the same rows and
+    /// deduplication tokens, so a connection that hangs cannot hold an insert slot forever.
+    pub insert_timeout_ms: u64,
     /// This instance's name in partition leases; `analytics-<hostname>-<pid>` when empty.
     pub instance_id: String,
     /// A partition lease not renewed for this long may be taken over by another instance.
@@ -372,6 +375,7 @@ impl Default for AnalyticsConfig {
             batch_max_rows: 20_000,
             batch_max_wait_ms: 200,
             insert_concurrency: 2,
+            insert_timeout_ms: 30_000,
             instance_id: String::new(),
             lease_ttl_ms: 10_000,
             retention_days: 30,
@@ -478,6 +482,9 @@ impl StoneConfig {
         }
         if !(1..=64).contains(&self.analytics.insert_concurrency) {
             return Err(invalid("analytics.insert_concurrency", "must be between 1 and 64"));
+        }
+        if !(100..=3_600_000).contains(&self.analytics.insert_timeout_ms) {
+            return Err(invalid("analytics.insert_timeout_ms", "must be between 100 and 3600000"));
         }
         if self.analytics.lease_ttl_ms < 1_000 {
             return Err(invalid("analytics.lease_ttl_ms", "must be at least 1000"));
@@ -607,6 +614,8 @@ mod tests {
         assert!(half_tls.as_deref().is_some_and(|m| m.contains("proxy.tls.key_path")), "{half_tls:?}");
         let no_inserts = load_in_jail(Some("[analytics]\ninsert_concurrency = 0\n"), &[]).err();
         assert!(no_inserts.as_deref().is_some_and(|m| m.contains("analytics.insert_concurrency")), "{no_inserts:?}");
+        let no_timeout = load_in_jail(None, &[("STONE_ANALYTICS__INSERT_TIMEOUT_MS", "0")]).err();
+        assert!(no_timeout.as_deref().is_some_and(|m| m.contains("analytics.insert_timeout_ms")), "{no_timeout:?}");
         let bad_env_type = load_in_jail(None, &[("STONE_PARTITIONS", "many")]).err();
         assert!(
             bad_env_type.as_deref().is_some_and(|m| m.contains("STONE_") && m.contains("PARTITIONS")),

@@ -108,6 +108,51 @@ async fn eventually(mut condition: impl FnMut() -> bool) -> bool {
     false
 }
 
+/// Starts a projector whose ClickHouse traffic goes through a [`Gate`], once the tables are
+/// laid out and every partition is owned (so nothing but inserts is left to reach ClickHouse).
+async fn start_behind_gate(
+    config: &stone_kit::config::StoneConfig,
+    js: &async_nats::jetstream::Context,
+) -> TestResult<(Gate, Shutdown)> {
+    let metrics = stone_kit::telemetry::metrics_handle();
+    let real = config.clickhouse_url.trim_start_matches("http://").trim_end_matches('/').to_owned();
+    let gate = Gate::start(real).await?;
+    let mut projector_config = config.clone();
+    projector_config.clickhouse_url = format!("http://{}", gate.address);
+    // A first start lays the tables out (`stone_analytics::layout`: a re-layout pauses the
+    // partitions while it talks to ClickHouse, which a closed gate would hold forever).
+    let first = Shutdown::new();
+    stone_analytics::build(config, &first).await?;
+    let rebuilds = stone_kit::rebuild::open(js, &config.namespace(), 1).await?;
+    let laid_out = async {
+        for _ in 0..600 {
+            let create: String =
+                clickhouse(config).query("SHOW CREATE TABLE requests_1m").fetch_one().await.unwrap_or_default();
+            let record = stone_kit::rebuild::read(&rebuilds, stone_analytics::partition::REBUILD_KEY).await;
+            let settled = record.is_ok_and(|record| record.is_none_or(|status| !status.phase.is_running()));
+            if create.contains("index_granularity = 256") && settled {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        false
+    };
+    assert!(laid_out.await, "requests_1m was not laid out");
+    first.trigger();
+    let _ = first.drain(Duration::from_secs(10)).await;
+
+    let shutdown = Shutdown::new();
+    stone_analytics::build(&projector_config, &shutdown).await?;
+    // Every partition owned: their watermarks have been read from ClickHouse.
+    let partitions = f64::from(config.partitions);
+    assert!(
+        eventually(|| sample("stone_analytics_partitions_owned") == Some(partitions)).await,
+        "partitions owned: {}",
+        metrics.render()
+    );
+    Ok((gate, shutdown))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_waiting_batch_takes_what_arrived_while_clickhouse_was_busy() -> TestResult {
     let mut config = quick_projector_config("slots");
@@ -117,43 +162,10 @@ async fn a_waiting_batch_takes_what_arrived_while_clickhouse_was_busy() -> TestR
     let outcome = async {
         // The recorder must be in place before the projector records anything.
         let metrics = stone_kit::telemetry::metrics_handle();
-        let real = config.clickhouse_url.trim_start_matches("http://").trim_end_matches('/').to_owned();
-        let gate = Gate::start(real).await?;
-        let mut projector_config = config.clone();
-        projector_config.clickhouse_url = format!("http://{}", gate.address);
         let js = jetstream(&config).await?;
         let mut publisher = publisher(&config, &js);
-        // A first start lays the tables out (`stone_analytics::layout`: a re-layout pauses the
-        // partitions while it talks to ClickHouse, which the closed gate would hold forever).
-        let first = Shutdown::new();
-        stone_analytics::build(&config, &first).await?;
-        let rebuilds = stone_kit::rebuild::open(&js, &config.namespace(), 1).await?;
-        let laid_out = async {
-            for _ in 0..600 {
-                let create: String =
-                    clickhouse(&config).query("SHOW CREATE TABLE requests_1m").fetch_one().await.unwrap_or_default();
-                let record = stone_kit::rebuild::read(&rebuilds, stone_analytics::partition::REBUILD_KEY).await;
-                let settled = record.is_ok_and(|record| record.is_none_or(|status| !status.phase.is_running()));
-                if create.contains("index_granularity = 256") && settled {
-                    return true;
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            false
-        };
-        assert!(laid_out.await, "requests_1m was not laid out");
-        first.trigger();
-        let _ = first.drain(Duration::from_secs(10)).await;
-
-        let shutdown = Shutdown::new();
-        stone_analytics::build(&projector_config, &shutdown).await?;
-        // Every partition owned: their watermarks have been read from ClickHouse.
+        let (gate, shutdown) = start_behind_gate(&config, &js).await?;
         let partitions = f64::from(config.partitions);
-        assert!(
-            eventually(|| sample("stone_analytics_partitions_owned") == Some(partitions)).await,
-            "partitions owned: {}",
-            metrics.render()
-        );
 
         // ClickHouse stops answering. The first ready batch takes the only slot and its insert
         // waits in the gate; the other partitions' batches wait for the slot.
@@ -195,6 +207,42 @@ async fn a_waiting_batch_takes_what_arrived_while_clickhouse_was_busy() -> TestR
             "{inserts} inserts for two bursts on {partitions} partitions:\n{rendered}"
         );
         assert_exactly_once(&config, 2 * BURST).await?;
+        Ok::<_, Box<dyn std::error::Error + Send + Sync>>(())
+    }
+    .await;
+    cleanup(&config).await;
+    outcome
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_insert_left_unanswered_is_abandoned_and_retried_without_double_counting() -> TestResult {
+    let mut config = quick_projector_config("hung");
+    config.analytics.insert_concurrency = 1;
+    config.analytics.insert_timeout_ms = 500;
+    config.analytics.lease_ttl_ms = 15_000;
+    let outcome = async {
+        let metrics = stone_kit::telemetry::metrics_handle();
+        let js = jetstream(&config).await?;
+        let mut publisher = publisher(&config, &js);
+        let (gate, shutdown) = start_behind_gate(&config, &js).await?;
+
+        // The only slot's insert hangs: without a timeout every partition would wait behind it
+        // for as long as the connection stays silent.
+        gate.set_open(false);
+        publish_requests(&mut publisher, 0, BURST, OffsetDateTime::now_utc()).await?;
+        assert!(
+            eventually(|| sample("stone_analytics_insert_timeouts_total").is_some_and(|timeouts| timeouts >= 2.0))
+                .await,
+            "no insert was abandoned: {}",
+            metrics.render()
+        );
+        // The abandoned requests still reach ClickHouse when the gate opens, next to the retry
+        // that succeeds: the tokens make them one.
+        gate.set_open(true);
+        assert_eq!(wait_for_count(&config, BURST, Duration::from_secs(60)).await, BURST);
+        shutdown.trigger();
+        let _ = shutdown.drain(Duration::from_secs(10)).await;
+        assert_exactly_once(&config, BURST).await?;
         Ok::<_, Box<dyn std::error::Error + Send + Sync>>(())
     }
     .await;
