@@ -108,6 +108,15 @@ async fn eventually(mut condition: impl FnMut() -> bool) -> bool {
     false
 }
 
+/// A quick projector with one insert slot, whose leases outlast any hold of the gate (so no
+/// lease lapses while an insert waits in it).
+fn one_slot_config(prefix: &str) -> stone_kit::config::StoneConfig {
+    let mut config = quick_projector_config(prefix);
+    config.analytics.insert_concurrency = 1;
+    config.analytics.lease_ttl_ms = 15_000;
+    config
+}
+
 /// Starts a projector whose ClickHouse traffic goes through a [`Gate`], once the tables are
 /// laid out and every partition is owned (so nothing but inserts is left to reach ClickHouse).
 async fn start_behind_gate(
@@ -155,10 +164,7 @@ async fn start_behind_gate(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_waiting_batch_takes_what_arrived_while_clickhouse_was_busy() -> TestResult {
-    let mut config = quick_projector_config("slots");
-    config.analytics.insert_concurrency = 1;
-    // Longer than the gate is ever held, so no lease lapses while an insert waits in it.
-    config.analytics.lease_ttl_ms = 15_000;
+    let config = one_slot_config("slots");
     let outcome = async {
         // The recorder must be in place before the projector records anything.
         let metrics = stone_kit::telemetry::metrics_handle();
@@ -216,10 +222,8 @@ async fn a_waiting_batch_takes_what_arrived_while_clickhouse_was_busy() -> TestR
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_insert_left_unanswered_is_abandoned_and_retried_without_double_counting() -> TestResult {
-    let mut config = quick_projector_config("hung");
-    config.analytics.insert_concurrency = 1;
+    let mut config = one_slot_config("hung");
     config.analytics.insert_timeout_ms = 500;
-    config.analytics.lease_ttl_ms = 15_000;
     let outcome = async {
         let metrics = stone_kit::telemetry::metrics_handle();
         let js = jetstream(&config).await?;
