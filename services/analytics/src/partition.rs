@@ -416,14 +416,16 @@ impl Worker<'_> {
                 release,
             )
             .await?;
-        if !batch.is_empty() {
-            let Some(_slot) = self.insert_slot(release).await? else { return Ok(()) };
-            // What arrived while the slot was busy joins this insert instead of waiting for
-            // the next one: a slow ClickHouse gets fewer, larger inserts.
+        // An empty batch only renews the lease. A batch waits for an insert slot, and what
+        // arrived while the slot was busy joins it instead of waiting for the next insert: a slow
+        // ClickHouse gets fewer, larger inserts.
+        let _slot = if batch.is_empty() {
+            None
+        } else {
+            let Some(slot) = self.insert_slot(release).await? else { return Ok(()) };
             reader.top_up(&mut batch, self.context.batch_max_rows)?;
-            let backlog = reader.backlog();
-            return self.project_range(batch, None, backlog, release).await;
-        }
+            Some(slot)
+        };
         let backlog = reader.backlog();
         self.project_range(batch, None, backlog, release).await
     }
@@ -439,6 +441,7 @@ impl Worker<'_> {
                 slot = &mut acquire => {
                     metrics::histogram!("stone_analytics_insert_slot_wait_seconds")
                         .record(started.elapsed().as_secs_f64());
+                    // The semaphore is never closed; kept as an error rather than a panic.
                     let slot = slot.map_err(|_| StepError::Nats("the insert slots are closed".to_owned()))?;
                     return Ok(Some(slot));
                 }
