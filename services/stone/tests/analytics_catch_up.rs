@@ -23,7 +23,7 @@ async fn a_backlog_is_written_in_full_batches_and_counted_once() -> TestResult {
     config.analytics.batch_max_rows = 2_000;
     // Far shorter than reading a partition's share of the backlog takes.
     config.analytics.batch_max_wait_ms = 1;
-    let outcome = async {
+    with_cleanup(&config, async {
         // The recorder must be in place before the projector records anything.
         let metrics = stone_kit::telemetry::metrics_handle();
         stone_kit::nats::connect_and_provision(&config, "catch-up-test").await?;
@@ -50,8 +50,6 @@ async fn a_backlog_is_written_in_full_batches_and_counted_once() -> TestResult {
         assert!(batches <= full + 5.0, "{batches} inserts for {EVENTS} events in batches of 2,000:\n{rendered}");
         assert_exactly_once(&config, EVENTS).await?;
         Ok::<_, Box<dyn std::error::Error + Send + Sync>>(())
-    }
-    .await;
-    cleanup(&config).await;
-    outcome
+    })
+    .await
 }

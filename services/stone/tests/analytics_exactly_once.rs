@@ -18,7 +18,7 @@ use time::OffsetDateTime;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_event_lands_once_with_rollups_agreeing_and_poison_is_dead_lettered() -> TestResult {
     let config = isolated_config();
-    let outcome = async {
+    with_cleanup(&config, async {
         let js = jetstream(&config).await?;
         let mut publisher = publisher(&config, &js);
         let now = OffsetDateTime::now_utc();
@@ -100,17 +100,15 @@ async fn every_event_lands_once_with_rollups_agreeing_and_poison_is_dead_lettere
         assert_eq!(reasons.iter().filter(|reason| reason.starts_with("malformed envelope")).count(), 4, "{reasons:?}");
         assert_eq!(reasons.iter().filter(|reason| reason.contains("newer than this reader")).count(), 4, "{reasons:?}");
         Ok::<_, Box<dyn std::error::Error + Send + Sync>>(())
-    }
-    .await;
-    cleanup(&config).await;
-    outcome
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_projector_killed_mid_batch_and_restarted_counts_every_event_once() -> TestResult {
     let mut config = isolated_config();
     config.analytics.batch_max_rows = 2_000;
-    let outcome = async {
+    with_cleanup(&config, async {
         let js = jetstream(&config).await?;
         let mut publisher = publisher(&config, &js);
         let expected = 60_000;
@@ -139,10 +137,8 @@ async fn a_projector_killed_mid_batch_and_restarted_counts_every_event_once() ->
         tokio::time::sleep(Duration::from_secs(1)).await;
         assert_exactly_once(&config, expected).await?;
         Ok::<_, Box<dyn std::error::Error + Send + Sync>>(())
-    }
-    .await;
-    cleanup(&config).await;
-    outcome
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -150,7 +146,7 @@ async fn overlapping_instances_share_partitions_and_hand_them_over_without_doubl
     let mut config = isolated_config();
     config.analytics.batch_max_rows = 1_000;
     config.analytics.lease_ttl_ms = 2_000;
-    let outcome = async {
+    with_cleanup(&config, async {
         let js = jetstream(&config).await?;
         let mut publisher = publisher(&config, &js);
         let now = OffsetDateTime::now_utc();
@@ -188,8 +184,6 @@ async fn overlapping_instances_share_partitions_and_hand_them_over_without_doubl
         tokio::time::sleep(Duration::from_secs(1)).await;
         assert_exactly_once(&config, 50_000).await?;
         Ok::<_, Box<dyn std::error::Error + Send + Sync>>(())
-    }
-    .await;
-    cleanup(&config).await;
-    outcome
+    })
+    .await
 }

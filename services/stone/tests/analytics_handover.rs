@@ -57,7 +57,7 @@ async fn partitions_taken_over_while_events_flow_are_read_from_their_checkpoints
     let mut config = isolated_config();
     config.analytics.batch_max_rows = 500;
     config.analytics.lease_ttl_ms = 2_000;
-    let outcome = async {
+    with_cleanup(&config, async {
         let js = jetstream(&config).await?;
         let mut publisher = publisher(&config, &js);
         let now = OffsetDateTime::now_utc();
@@ -108,8 +108,6 @@ async fn partitions_taken_over_while_events_flow_are_read_from_their_checkpoints
         tokio::time::sleep(Duration::from_millis(500)).await;
         assert_exactly_once(&config, expected).await?;
         Ok::<_, Box<dyn std::error::Error + Send + Sync>>(())
-    }
-    .await;
-    cleanup(&config).await;
-    outcome
+    })
+    .await
 }

@@ -165,7 +165,7 @@ async fn start_behind_gate(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_waiting_batch_takes_what_arrived_while_clickhouse_was_busy() -> TestResult {
     let config = one_slot_config("slots");
-    let outcome = async {
+    with_cleanup(&config, async {
         // The recorder must be in place before the projector records anything.
         let metrics = stone_kit::telemetry::metrics_handle();
         let js = jetstream(&config).await?;
@@ -214,17 +214,15 @@ async fn a_waiting_batch_takes_what_arrived_while_clickhouse_was_busy() -> TestR
         );
         assert_exactly_once(&config, 2 * BURST).await?;
         Ok::<_, Box<dyn std::error::Error + Send + Sync>>(())
-    }
-    .await;
-    cleanup(&config).await;
-    outcome
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_insert_left_unanswered_is_abandoned_and_retried_without_double_counting() -> TestResult {
     let mut config = one_slot_config("hung");
     config.analytics.insert_timeout_ms = 500;
-    let outcome = async {
+    with_cleanup(&config, async {
         let metrics = stone_kit::telemetry::metrics_handle();
         let js = jetstream(&config).await?;
         let mut publisher = publisher(&config, &js);
@@ -248,8 +246,6 @@ async fn an_insert_left_unanswered_is_abandoned_and_retried_without_double_count
         let _ = shutdown.drain(Duration::from_secs(10)).await;
         assert_exactly_once(&config, BURST).await?;
         Ok::<_, Box<dyn std::error::Error + Send + Sync>>(())
-    }
-    .await;
-    cleanup(&config).await;
-    outcome
+    })
+    .await
 }

@@ -77,7 +77,7 @@ impl Drop for Switch {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clickhouse_down_then_back_loses_nothing_and_doubles_nothing() -> TestResult {
     let config = isolated_config();
-    let outcome = async {
+    with_cleanup(&config, async {
         let real = config.clickhouse_url.trim_start_matches("http://").trim_end_matches('/').to_owned();
         let switch = Switch::start(real).await?;
         let mut projector_config = config.clone();
@@ -151,10 +151,8 @@ async fn clickhouse_down_then_back_loses_nothing_and_doubles_nothing() -> TestRe
         assert_eq!(count, 15_000);
         assert_exactly_once(&config, 15_000).await?;
         Ok::<_, Box<dyn std::error::Error + Send + Sync>>(())
-    }
-    .await;
-    cleanup(&config).await;
-    outcome
+    })
+    .await
 }
 
 /// Lag on record, a partition owned and a batch waiting for ClickHouse.

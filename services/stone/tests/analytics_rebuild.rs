@@ -12,7 +12,7 @@ mod analytics_support;
 use std::time::Duration;
 
 use analytics_support::{
-    TestResult, assert_exactly_once, clickhouse, jetstream, publish_requests, publisher, wait_for_count,
+    TestResult, assert_exactly_once, clickhouse, jetstream, publish_requests, publisher, wait_for_count, with_cleanup,
 };
 use stone_kit::{Shutdown, StoneConfig};
 use time::OffsetDateTime;
@@ -59,7 +59,7 @@ async fn post(gateway_url: &str, token: &str, body: &'static str) -> TestResult<
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stone_replay_rebuilds_analytics_exactly_while_the_live_projection_runs() -> TestResult {
     let config = config();
-    let outcome = async {
+    with_cleanup(&config, async {
         stone_kit::testing::create_database(&config).await?;
         let js = jetstream(&config).await?;
         let mut publisher = publisher(&config, &js);
@@ -173,8 +173,6 @@ async fn stone_replay_rebuilds_analytics_exactly_while_the_live_projection_runs(
         let _ = shutdown.drain(Duration::from_secs(10)).await;
         pool.close().await;
         Ok::<_, Box<dyn std::error::Error + Send + Sync>>(())
-    }
-    .await;
-    stone_kit::testing::cleanup(&config).await;
-    outcome
+    })
+    .await
 }

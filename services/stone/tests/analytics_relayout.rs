@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use analytics_support::{
-    TestResult, assert_exactly_once, clickhouse, jetstream, publish_requests, publisher, wait_for_count,
+    TestResult, assert_exactly_once, clickhouse, jetstream, publish_requests, publisher, wait_for_count, with_cleanup,
 };
 use stone_analytics::layout;
 use stone_kit::{Shutdown, StoneConfig};
@@ -55,7 +55,7 @@ async fn wait_for_granularity(config: &StoneConfig, expected: u64) -> TestResult
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_minute_rollup_is_re_laid_out_exactly_while_events_flow() -> TestResult {
     let config = config();
-    let outcome = async {
+    with_cleanup(&config, async {
         stone_kit::testing::create_database(&config).await?;
         let js = jetstream(&config).await?;
         let mut first_batch = publisher(&config, &js);
@@ -134,10 +134,8 @@ async fn the_minute_rollup_is_re_laid_out_exactly_while_events_flow() -> TestRes
         let _ = second.drain(Duration::from_secs(10)).await;
         let _ = first.drain(Duration::from_secs(10)).await;
         Ok::<_, Box<dyn std::error::Error + Send + Sync>>(())
-    }
-    .await;
-    stone_kit::testing::cleanup(&config).await;
-    outcome
+    })
+    .await
 }
 
 /// A batch in flight (a `pending` range, here left by an owner that died) would be retried into
@@ -147,7 +145,7 @@ async fn the_minute_rollup_is_re_laid_out_exactly_while_events_flow() -> TestRes
 async fn a_batch_in_flight_makes_the_re_layout_wait() -> TestResult {
     use stone_analytics::state::{self, PartitionState, PendingBatch};
     let config = config();
-    let outcome = async {
+    with_cleanup(&config, async {
         stone_kit::clickhouse::migrate(&config).await?;
         assert_eq!(granularity(&config).await?, Some(8_192), "the migrations create the default granularity");
         let js = jetstream(&config).await?;
@@ -201,8 +199,6 @@ async fn a_batch_in_flight_makes_the_re_layout_wait() -> TestResult {
             stone_kit::rebuild::read(&rebuilder.rebuilds, stone_analytics::partition::REBUILD_KEY).await?.unwrap();
         assert_eq!(record.phase, stone_kit::rebuild::Phase::Done, "{record:?}");
         Ok::<_, Box<dyn std::error::Error + Send + Sync>>(())
-    }
-    .await;
-    stone_kit::testing::cleanup(&config).await;
-    outcome
+    })
+    .await
 }

@@ -147,15 +147,17 @@ pub fn quick_projector_config(prefix: &str) -> StoneConfig {
     config
 }
 
-/// Deletes the test's streams, KV buckets and database.
-pub async fn cleanup(config: &StoneConfig) {
-    if let Ok(client) = async_nats::connect(config.nats_url.as_str()).await {
-        // Every stream and bucket of the namespace, the REBUILDS bucket included (a list of
-        // names here left one behind per test).
-        stone_kit::nats::delete_namespace(&async_nats::jetstream::new(client), &config.namespace()).await;
+/// Runs a test's body, then deletes its streams, KV buckets and databases
+/// (`stone_kit::testing::cleanup`) whether the body returned or panicked: a failed assertion
+/// must not leave a namespace (and its stream reservations) behind on the shared server.
+pub async fn with_cleanup(config: &StoneConfig, test: impl std::future::Future<Output = TestResult>) -> TestResult {
+    use futures::FutureExt;
+    let outcome = std::panic::AssertUnwindSafe(test).catch_unwind().await;
+    stone_kit::testing::cleanup(config).await;
+    match outcome {
+        Ok(result) => result,
+        Err(panic) => std::panic::resume_unwind(panic),
     }
-    let server = clickhouse::Client::default().with_url(&config.clickhouse_url);
-    let _ = server.query(&format!("DROP DATABASE IF EXISTS `{}`", config.clickhouse_database)).execute().await;
 }
 
 /// A `stone analytics` child process, killed (SIGKILL) when dropped.
