@@ -7,95 +7,14 @@
 
 mod analytics_support;
 
-use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use analytics_support::*;
 use stone_kit::Shutdown;
 use stone_kit::telemetry::sample;
 use time::OffsetDateTime;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
-use tokio_util::sync::CancellationToken;
 
 const BURST: u64 = 400;
-
-/// A TCP relay in front of ClickHouse that can hold requests: while closed, bytes from the
-/// client wait in the relay (the request is neither failed nor answered) until it opens.
-struct Gate {
-    address: SocketAddr,
-    open: watch::Sender<bool>,
-    /// Requests (chunks) currently held.
-    held: Arc<AtomicUsize>,
-    stop: CancellationToken,
-}
-
-impl Gate {
-    async fn start(upstream: String) -> TestResult<Self> {
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
-        let address = listener.local_addr()?;
-        let (open, _) = watch::channel(true);
-        let held = Arc::new(AtomicUsize::new(0));
-        let stop = CancellationToken::new();
-        let (accept_open, accept_held, accept_stop) = (open.clone(), held.clone(), stop.clone());
-        tokio::spawn(async move {
-            loop {
-                let accepted = tokio::select! {
-                    accepted = listener.accept() => accepted,
-                    () = accept_stop.cancelled() => return,
-                };
-                let Ok((client, _)) = accepted else { continue };
-                let (upstream, mut open, held, stop) =
-                    (upstream.clone(), accept_open.subscribe(), accept_held.clone(), accept_stop.clone());
-                tokio::spawn(async move {
-                    let Ok(server) = TcpStream::connect(upstream).await else { return };
-                    let (mut client_read, mut client_write) = client.into_split();
-                    let (mut server_read, mut server_write) = server.into_split();
-                    let down = tokio::io::copy(&mut server_read, &mut client_write);
-                    let up = async {
-                        let mut buffer = vec![0u8; 64 * 1024];
-                        loop {
-                            let read = client_read.read(&mut buffer).await?;
-                            if read == 0 {
-                                return server_write.shutdown().await;
-                            }
-                            if !*open.borrow_and_update() {
-                                held.fetch_add(1, Ordering::SeqCst);
-                                let opened = open.wait_for(|open| *open).await.map(|_| ());
-                                held.fetch_sub(1, Ordering::SeqCst);
-                                opened.map_err(std::io::Error::other)?;
-                            }
-                            server_write.write_all(&buffer[..read]).await?;
-                        }
-                    };
-                    tokio::select! {
-                        _ = down => {}
-                        _ = up => {}
-                        () = stop.cancelled() => {}
-                    }
-                });
-            }
-        });
-        Ok(Self { address, open, held, stop })
-    }
-
-    fn set_open(&self, open: bool) {
-        self.open.send_replace(open);
-    }
-
-    fn held(&self) -> usize {
-        self.held.load(Ordering::SeqCst)
-    }
-}
-
-impl Drop for Gate {
-    fn drop(&mut self) {
-        self.stop.cancel();
-    }
-}
 
 /// Polls `condition` every 50 ms for up to 30 s; `false` if it never held.
 async fn eventually(mut condition: impl FnMut() -> bool) -> bool {
@@ -117,17 +36,15 @@ fn one_slot_config(prefix: &str) -> stone_kit::config::StoneConfig {
     config
 }
 
-/// Starts a projector whose ClickHouse traffic goes through a [`Gate`], once the tables are
+/// Starts a projector whose ClickHouse traffic goes through a [`Relay`], once the tables are
 /// laid out and every partition is owned (so nothing but inserts is left to reach ClickHouse).
 async fn start_behind_gate(
     config: &stone_kit::config::StoneConfig,
     js: &async_nats::jetstream::Context,
-) -> TestResult<(Gate, Shutdown)> {
+) -> TestResult<(Relay, Shutdown)> {
     let metrics = stone_kit::telemetry::metrics_handle();
-    let real = config.clickhouse_url.trim_start_matches("http://").trim_end_matches('/').to_owned();
-    let gate = Gate::start(real).await?;
-    let mut projector_config = config.clone();
-    projector_config.clickhouse_url = format!("http://{}", gate.address);
+    let gate = Relay::start(config).await?;
+    let projector_config = gate.route(config);
     // A first start lays the tables out (`stone_analytics::layout`: a re-layout pauses the
     // partitions while it talks to ClickHouse, which a closed gate would hold forever).
     let first = Shutdown::new();

@@ -5,83 +5,19 @@
 
 mod analytics_support;
 
-use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use analytics_support::*;
 use stone_kit::Shutdown;
 use time::OffsetDateTime;
-use tokio::net::{TcpListener, TcpStream};
-use tokio_util::sync::CancellationToken;
-
-/// A TCP relay in front of ClickHouse that can be switched off: while off, it cuts every open
-/// connection and closes new ones at once, as a crashed or unreachable server would.
-struct Switch {
-    address: SocketAddr,
-    up: Arc<AtomicBool>,
-    connections: Arc<std::sync::Mutex<CancellationToken>>,
-    stop: CancellationToken,
-}
-
-impl Switch {
-    async fn start(upstream: String) -> TestResult<Self> {
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
-        let address = listener.local_addr()?;
-        let up = Arc::new(AtomicBool::new(true));
-        let connections = Arc::new(std::sync::Mutex::new(CancellationToken::new()));
-        let stop = CancellationToken::new();
-        let (accept_up, accept_connections, accept_stop) = (up.clone(), connections.clone(), stop.clone());
-        tokio::spawn(async move {
-            loop {
-                let accepted = tokio::select! {
-                    accepted = listener.accept() => accepted,
-                    () = accept_stop.cancelled() => return,
-                };
-                let Ok((mut client, _)) = accepted else { continue };
-                if !accept_up.load(Ordering::SeqCst) {
-                    drop(client);
-                    continue;
-                }
-                let cut = accept_connections.lock().unwrap().clone();
-                let upstream = upstream.clone();
-                tokio::spawn(async move {
-                    let Ok(mut server) = TcpStream::connect(upstream).await else { return };
-                    tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
-                        () = cut.cancelled() => {}
-                    }
-                });
-            }
-        });
-        Ok(Self { address, up, connections, stop })
-    }
-
-    fn set_up(&self, up: bool) {
-        self.up.store(up, Ordering::SeqCst);
-        if !up {
-            let mut connections = self.connections.lock().unwrap();
-            connections.cancel();
-            *connections = CancellationToken::new();
-        }
-    }
-}
-
-impl Drop for Switch {
-    fn drop(&mut self) {
-        self.stop.cancel();
-    }
-}
+use tokio::net::TcpListener;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clickhouse_down_then_back_loses_nothing_and_doubles_nothing() -> TestResult {
     let config = isolated_config();
     with_cleanup(&config, async {
-        let real = config.clickhouse_url.trim_start_matches("http://").trim_end_matches('/').to_owned();
-        let switch = Switch::start(real).await?;
-        let mut projector_config = config.clone();
-        projector_config.clickhouse_url = format!("http://{}", switch.address);
+        let switch = Relay::start(&config).await?;
+        let projector_config = switch.route(&config);
 
         let js = jetstream(&config).await?;
         let mut publisher = publisher(&config, &js);

@@ -185,3 +185,114 @@ impl Drop for ProjectorProcess {
         self.kill();
     }
 }
+
+/// A TCP relay in front of ClickHouse that a test can switch off (`set_up(false)`: every open
+/// connection is cut and new ones are closed at once, as a crashed or unreachable server would)
+/// or close (`set_open(false)`: bytes from clients wait in the relay, neither failed nor answered,
+/// as a server that stops answering, until it opens again).
+pub struct Relay {
+    pub address: SocketAddr,
+    up: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    connections: std::sync::Arc<std::sync::Mutex<tokio_util::sync::CancellationToken>>,
+    open: tokio::sync::watch::Sender<bool>,
+    /// Client reads currently held by a closed relay.
+    held: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    stop: tokio_util::sync::CancellationToken,
+}
+
+impl Relay {
+    /// A relay to the ClickHouse of `config`, up and open.
+    pub async fn start(config: &StoneConfig) -> TestResult<Self> {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        use tokio_util::sync::CancellationToken;
+
+        let upstream = config.clickhouse_url.trim_start_matches("http://").trim_end_matches('/').to_owned();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let address = listener.local_addr()?;
+        let up = Arc::new(AtomicBool::new(true));
+        let connections = Arc::new(std::sync::Mutex::new(CancellationToken::new()));
+        let (open, _) = tokio::sync::watch::channel(true);
+        let held = Arc::new(AtomicUsize::new(0));
+        let stop = CancellationToken::new();
+        let relay = Self { address, up, connections, open, held, stop };
+        let (up, connections, open, held, stop) =
+            (relay.up.clone(), relay.connections.clone(), relay.open.clone(), relay.held.clone(), relay.stop.clone());
+        tokio::spawn(async move {
+            loop {
+                let accepted = tokio::select! {
+                    accepted = listener.accept() => accepted,
+                    () = stop.cancelled() => return,
+                };
+                let Ok((client, _)) = accepted else { continue };
+                if !up.load(Ordering::SeqCst) {
+                    drop(client);
+                    continue;
+                }
+                let cut = connections.lock().unwrap().clone();
+                let (upstream, mut open, held, stop) = (upstream.clone(), open.subscribe(), held.clone(), stop.clone());
+                tokio::spawn(async move {
+                    let Ok(server) = tokio::net::TcpStream::connect(upstream).await else { return };
+                    let (mut client_read, mut client_write) = client.into_split();
+                    let (mut server_read, mut server_write) = server.into_split();
+                    let down = tokio::io::copy(&mut server_read, &mut client_write);
+                    let up = async {
+                        let mut buffer = vec![0u8; 64 * 1024];
+                        loop {
+                            let read = client_read.read(&mut buffer).await?;
+                            if read == 0 {
+                                return server_write.shutdown().await;
+                            }
+                            if !*open.borrow_and_update() {
+                                held.fetch_add(1, Ordering::SeqCst);
+                                let opened = open.wait_for(|open| *open).await.map(|_| ());
+                                held.fetch_sub(1, Ordering::SeqCst);
+                                opened.map_err(std::io::Error::other)?;
+                            }
+                            server_write.write_all(&buffer[..read]).await?;
+                        }
+                    };
+                    tokio::select! {
+                        _ = down => {}
+                        _ = up => {}
+                        () = cut.cancelled() => {}
+                        () = stop.cancelled() => {}
+                    }
+                });
+            }
+        });
+        Ok(relay)
+    }
+
+    /// This configuration with ClickHouse reached through the relay.
+    pub fn route(&self, config: &StoneConfig) -> StoneConfig {
+        let mut routed = config.clone();
+        routed.clickhouse_url = format!("http://{}", self.address);
+        routed
+    }
+
+    pub fn set_up(&self, up: bool) {
+        self.up.store(up, std::sync::atomic::Ordering::SeqCst);
+        if !up {
+            let mut connections = self.connections.lock().unwrap();
+            connections.cancel();
+            *connections = tokio_util::sync::CancellationToken::new();
+        }
+    }
+
+    pub fn set_open(&self, open: bool) {
+        self.open.send_replace(open);
+    }
+
+    /// Client reads the closed relay is holding.
+    pub fn held(&self) -> usize {
+        self.held.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
