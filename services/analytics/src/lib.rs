@@ -111,17 +111,28 @@ pub async fn build(config: &StoneConfig, shutdown: &Shutdown) -> anyhow::Result<
         inserts: Arc::new(tokio::sync::Semaphore::new(config.analytics.insert_concurrency)),
         insert_timeout: Duration::from_millis(config.analytics.insert_timeout_ms),
     });
-    shutdown.spawn(coordinator::run(context, config.partitions, shutdown.token()));
-    // Tables whose layout no migration can change (see `layout`): re-laid out under the rebuild
-    // pause while the workers run, waiting for any rebuild in progress.
+    // Tables whose layout no migration can change (see `layout`): brought to it under the
+    // rebuild pause before this instance's workers start, so that a new install never serves a
+    // query against the old layout. Should another rebuild or a batch in flight make that wait,
+    // the workers start and the change waits in the background.
     let token = shutdown.token();
-    shutdown.spawn(async move {
-        match layout::ensure(&relayout, &token).await {
-            Ok(()) => {}
-            Err(_) if token.is_cancelled() => {}
-            Err(error) => tracing::error!(error = %format!("{error:#}"), "table re-layout failed"),
+    let laid_out = match layout::ensure(&relayout, layout::WhenBusy::Defer, &token).await {
+        Ok(done) => done,
+        Err(error) => {
+            tracing::error!(error = %format!("{error:#}"), "table re-layout failed; trying again in the background");
+            false
         }
-    });
+    };
+    shutdown.spawn(coordinator::run(context, config.partitions, shutdown.token()));
+    if !laid_out {
+        shutdown.spawn(async move {
+            match layout::ensure(&relayout, layout::WhenBusy::Wait, &token).await {
+                Ok(_) => {}
+                Err(_) if token.is_cancelled() => {}
+                Err(error) => tracing::error!(error = %format!("{error:#}"), "table re-layout failed"),
+            }
+        });
+    }
 
     let readiness = Readiness::new(&[]);
     let token = shutdown.token();

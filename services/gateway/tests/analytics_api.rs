@@ -122,6 +122,8 @@ impl TestApp {
         }
         config.clickhouse_database = format!("gw_analytics_{}", Uuid::now_v7().simple());
         stone_kit::clickhouse::migrate(&config).await?;
+        // What the projector does at start (`stone_analytics::layout`); no projector runs here.
+        stone_analytics::layout::ensure_unpaused(&stone_kit::clickhouse::client(&config)).await?;
         let client = stone_kit::clickhouse::client(&config);
         let now = OffsetDateTime::now_utc();
         let hour = (now - time::Duration::hours(2)).replace_minute(0)?.replace_second(0)?.replace_nanosecond(0)?;

@@ -48,6 +48,8 @@ impl TestApp {
         config.gateway.listen = "127.0.0.1:0".parse()?;
         if migrated {
             stone_kit::clickhouse::migrate(&config).await?;
+            // What the projector does at start (`stone_analytics::layout`); no projector runs here.
+            stone_analytics::layout::ensure_unpaused(&stone_kit::clickhouse::client(&config)).await?;
         }
         let shutdown = Shutdown::new();
         let gateway = stone_gateway::build(&config, &shutdown).await?;

@@ -202,3 +202,111 @@ async fn a_batch_in_flight_makes_the_re_layout_wait() -> TestResult {
     })
     .await
 }
+
+/// The `CREATE` statements of both rollups and their views.
+async fn rollup_statements(config: &StoneConfig) -> TestResult<Vec<String>> {
+    Ok(clickhouse(config)
+        .query(
+            "SELECT create_table_query FROM system.tables WHERE database = currentDatabase() \
+             AND name IN ('requests_1m', 'requests_1h', 'requests_1m_mv', 'requests_1h_mv') ORDER BY name",
+        )
+        .fetch_all()
+        .await?)
+}
+
+/// An install from before the DDSketch latency state: rollups of t-digest states with rows in
+/// them. A projector starts while events flow; afterwards both rollups and their views keep
+/// DDSketch states, every event is counted once, and every group's quantiles are exactly those
+/// of a sketch of its raw rows: the old rows' states were recomputed from raw rows, and the new
+/// rows' states written by the new views, each once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t_digest_rollups_get_ddsketch_states_exactly_while_events_flow() -> TestResult {
+    let config = config();
+    with_cleanup(&config, async {
+        stone_kit::testing::create_database(&config).await?;
+        stone_kit::clickhouse::migrate(&config).await?;
+        let old = rollup_statements(&config).await?;
+        assert_eq!(old.len(), 4);
+        assert!(old.iter().all(|create| create.contains("quantilesTDigest")), "migration 0002 creates t-digests");
+        // Rows written before the upgrade, over the last three hours, through the old views.
+        clickhouse(&config)
+            .query(
+                "INSERT INTO requests (event_id, time, source, route, path_template, upstream, consumer, status, \
+                   cache, total_us, bytes_out) \
+                 SELECT generateUUIDv4(number), now64(6) - toIntervalSecond(number * 5), 'before-upgrade', \
+                   ['users', 'orders'][number % 2 + 1], '/x/{id}', 'svc', 'acme', if(number % 10 = 0, 500, 200), \
+                   'none', 100 + (number * 7919) % 50000, 10 \
+                 FROM numbers(2000)",
+            )
+            .execute()
+            .await?;
+        let js = jetstream(&config).await?;
+        let mut first_batch = publisher(&config, &js);
+        let now = OffsetDateTime::now_utc();
+        publish_requests(&mut first_batch, 0, 1_000, now - time::Duration::hours(1)).await?;
+
+        let stop = Arc::new(AtomicBool::new(false));
+        let feeder = {
+            let mut publisher = publisher(&config, &js);
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let mut next = 1_000u64;
+                while !stop.load(Ordering::Relaxed) {
+                    let minutes = i64::try_from(next % 5).unwrap();
+                    publish_requests(&mut publisher, next, 50, now - time::Duration::minutes(minutes)).await.unwrap();
+                    next += 50;
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                next
+            })
+        };
+        let projector = Shutdown::new();
+        stone_analytics::build(&instance(&config, "upgraded"), &projector).await?;
+        assert_eq!(wait_for_granularity(&config, 256).await?, Some(256), "every layout change is done");
+        let new = rollup_statements(&config).await?;
+        assert_eq!(new.len(), 4, "both rollups and both views: {new:?}");
+        for create in &new {
+            assert!(!create.contains("quantilesTDigest"), "{create}");
+            assert!(create.contains("quantilesDD(0.01, 0.5, 0.9, 0.95, 0.99)"), "{create}");
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        stop.store(true, Ordering::Relaxed);
+        let published = feeder.await?;
+        let total = 2_000 + published;
+        assert_eq!(wait_for_count(&config, total, Duration::from_secs(60)).await, total);
+        assert_exactly_once(&config, total).await?;
+
+        let client = clickhouse(&config);
+        for (rollup, bucket) in stone_analytics::layout::LATENCY_STATE {
+            let sql = format!(
+                "SELECT count(), countIf(rolled.q != raw.q) FROM ( \
+                   SELECT bucket, route, status, quantilesDDMerge(0.01, 0.5, 0.9, 0.95, 0.99)(latency_us) AS q \
+                   FROM {rollup} GROUP BY bucket, route, status \
+                 ) AS rolled FULL OUTER JOIN ( \
+                   SELECT {bucket} AS bucket, route, status, quantilesDD(0.01, 0.5, 0.9, 0.95, 0.99)(total_us) AS q \
+                   FROM requests GROUP BY bucket, route, status \
+                 ) AS raw USING (bucket, route, status)"
+            );
+            let (groups, differing): (u64, u64) = client.query(&sql).fetch_one().await?;
+            assert!(groups > 4, "{rollup}: {groups} groups");
+            assert_eq!(differing, 0, "{rollup}: groups whose quantiles are not those of their raw rows");
+        }
+        // And the sketch is within its 1% of the exact quantiles.
+        let both: Vec<f64> = client
+            .query(
+                "SELECT arrayConcat((SELECT quantilesDDMerge(0.01, 0.5, 0.99)(latency_us) FROM requests_1h), \
+                   (SELECT arrayMap(value -> toFloat64(value), quantilesExact(0.5, 0.99)(total_us)) FROM requests))",
+            )
+            .fetch_one()
+            .await?;
+        let (sketch, exact) = both.split_at(2);
+        for (sketch, exact) in sketch.iter().zip(exact) {
+            assert!((sketch - exact).abs() <= 0.02 * exact, "sketch {sketch} against exact {exact}");
+        }
+
+        projector.trigger();
+        let _ = projector.drain(Duration::from_secs(10)).await;
+        Ok::<_, Box<dyn std::error::Error + Send + Sync>>(())
+    })
+    .await
+}

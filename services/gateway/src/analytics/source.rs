@@ -17,12 +17,12 @@ use crate::time_range::TimeRange;
 pub enum Source {
     /// `requests`: one row per request; exact quantiles of a sample.
     Raw,
-    /// `requests_1m`: per-minute rollup; t-digest quantiles.
+    /// `requests_1m`: per-minute rollup; DDSketch quantiles (1% relative accuracy).
     Minute,
-    /// `requests_1h`: per-hour rollup; t-digest quantiles.
+    /// `requests_1h`: per-hour rollup; DDSketch quantiles (1% relative accuracy).
     Hour,
     /// `requests_1h` for the range's whole hours, `requests_1m` for the whole minutes around
-    /// them and `requests` for the partial minutes at its ends, merged (t-digest quantiles).
+    /// them and `requests` for the partial minutes at its ends, merged (DDSketch quantiles).
     Mixed,
 }
 
@@ -36,7 +36,8 @@ const RAW_AGGREGATES: &str = "count() AS requests, \
      countIf(cache = 'miss') AS cache_misses, \
      quantiles(0.5, 0.9, 0.95, 0.99)(total_us) AS latency_quantiles";
 
-/// The same columns over a rollup, whose `status` and `cache` are dimensions. Columns are
+/// The same columns over a rollup, whose `status` and `cache` are dimensions and whose latency
+/// is a `quantilesDD(0.01, …)` state (`stone_analytics::layout::LATENCY_FUNCTION`). Columns are
 /// qualified with the table alias `rollup`: unqualified, `requests` would name the `requests`
 /// aggregate of this very list inside `sumIf`.
 const ROLLUP_AGGREGATES: &str = "sum(rollup.requests) AS requests, \
@@ -46,7 +47,7 @@ const ROLLUP_AGGREGATES: &str = "sum(rollup.requests) AS requests, \
      sum(rollup.bytes_out) AS bytes_out, \
      sumIf(rollup.requests, cache = 'hit') AS cache_hits, \
      sumIf(rollup.requests, cache = 'miss') AS cache_misses, \
-     arrayMap(value -> toFloat64(value), quantilesTDigestMerge(0.5, 0.9, 0.95, 0.99)(rollup.latency_us)) \
+     arrayMap(value -> toFloat64(value), quantilesDDMerge(0.01, 0.5, 0.9, 0.95, 0.99)(rollup.latency_us)) \
      AS latency_quantiles";
 
 const MINUTE_MICROS: i64 = 60_000_000;
@@ -164,7 +165,7 @@ impl Plan {
                 values.extend(clause.values);
                 format!(
                     "SELECT {MIXED_DIMENSIONS}, count() AS requests, sum(bytes_in) AS bytes_in, \
-                     sum(bytes_out) AS bytes_out, quantilesTDigestState(0.5, 0.9, 0.95, 0.99)(total_us) AS latency_us \
+                     sum(bytes_out) AS bytes_out, quantilesDDState(0.01, 0.5, 0.9, 0.95, 0.99)(total_us) AS latency_us \
                      FROM requests WHERE {} GROUP BY {MIXED_DIMENSIONS}",
                     clause.sql
                 )
@@ -285,6 +286,18 @@ mod tests {
             Plan::for_filter(&filter(datetime!(2026-01-01 10:05:30 UTC), datetime!(2026-01-01 10:40:00 UTC)));
         assert_eq!(within_an_hour.source, Source::Mixed);
         assert!(!within_an_hour.from.contains("requests_1h"), "{}", within_an_hour.from);
+    }
+
+    #[test]
+    fn rollup_queries_use_the_state_the_projector_keeps() {
+        let function = stone_analytics::layout::LATENCY_FUNCTION;
+        let (name, arguments) = function.split_once('(').unwrap_or_default();
+        assert!(
+            ROLLUP_AGGREGATES.contains(&format!("{name}Merge({arguments}(rollup.latency_us)")),
+            "{ROLLUP_AGGREGATES}"
+        );
+        let plan = Plan::for_filter(&filter(datetime!(2026-01-01 10:05:30 UTC), datetime!(2026-01-01 16:02:15 UTC)));
+        assert!(plan.from.contains(&format!("{name}State({arguments}(total_us)")), "{}", plan.from);
     }
 
     #[test]
