@@ -518,7 +518,7 @@ impl Worker<'_> {
         }
 
         // 2. Decode; park what cannot be decoded.
-        let mut rows = Rows::default();
+        let mut rows = Rows::with_capacity(fresh.len());
         let mut dead_letters = 0u64;
         for delivered in &fresh {
             match decode(&delivered.message.payload) {

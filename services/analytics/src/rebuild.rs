@@ -511,7 +511,7 @@ fn spawn_decoder(
         let mut undecodable = 0u64;
         while let Some((range, messages)) = receiver.recv().await {
             let (rows, skipped) = tokio::task::spawn_blocking(move || {
-                let mut rows = Rows::default();
+                let mut rows = Rows::with_capacity(messages.len());
                 let mut skipped = 0u64;
                 for (sequence, partition, payload) in messages {
                     match decode(&payload) {
