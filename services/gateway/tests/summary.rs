@@ -190,13 +190,15 @@ async fn summary_scenario(app: &TestApp) -> TestResult {
     assert_eq!(all["cache_hits"], 3);
     assert_eq!(all["cache_misses"], 3);
     assert_eq!(all["cache_hit_ratio"], 0.5);
-    // Ten distinct latencies fit ClickHouse's sampling reservoir, so the quantiles are exact
-    // interpolations; check their order and bounds rather than one algorithm's interpolation.
+    // Check order and bounds rather than one algorithm's interpolation: raw rows (the usual
+    // source of this unaligned window) give ClickHouse's `quantiles`, exact interpolations for ten
+    // values; a window that happens to fall on whole minutes (now at :00) is answered from the
+    // minute rollup, whose DDSketch gives a value within 1% of an element (4,965 for the median).
     let quantiles: Vec<f64> =
         ["p50", "p90", "p95", "p99"].iter().filter_map(|name| all["latency_us"][name].as_f64()).collect();
     assert_eq!(quantiles.len(), 4, "{all}");
     assert!(quantiles.windows(2).all(|pair| pair[0] <= pair[1]), "{quantiles:?}");
-    assert!((5_000.0..=6_000.0).contains(&quantiles[0]) && quantiles[3] <= 10_000.0, "{quantiles:?}");
+    assert!((4_950.0..=6_000.0).contains(&quantiles[0]) && quantiles[3] <= 10_100.0, "{quantiles:?}");
 
     let users = app.summary(&format!("{range}&route=users")).await?;
     assert_eq!(

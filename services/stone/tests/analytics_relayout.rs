@@ -41,6 +41,29 @@ async fn granularity(config: &StoneConfig) -> TestResult<Option<u64>> {
     Ok(layout::setting(&create, "index_granularity"))
 }
 
+/// Publishes 50 events every 20 ms from index `first` on, at the last `minutes` minutes before
+/// `now`, until the flag is set; the task returns the index after the last one published.
+fn feed(
+    mut publisher: stone_analytics::synthetic::Publisher,
+    first: u64,
+    minutes: u64,
+    now: OffsetDateTime,
+) -> (Arc<AtomicBool>, tokio::task::JoinHandle<u64>) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    let feeder = tokio::spawn(async move {
+        let mut next = first;
+        while !flag.load(Ordering::Relaxed) {
+            let ago = time::Duration::minutes(i64::try_from(next % minutes).unwrap());
+            publish_requests(&mut publisher, next, 50, now - ago).await.unwrap();
+            next += 50;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        next
+    });
+    (stop, feeder)
+}
+
 async fn wait_for_granularity(config: &StoneConfig, expected: u64) -> TestResult<Option<u64>> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
@@ -71,21 +94,7 @@ async fn the_minute_rollup_is_re_laid_out_exactly_while_events_flow() -> TestRes
         assert_exactly_once(&config, 6_000).await?;
 
         // Events keep arriving, at several minutes, for the rest of the test.
-        let stop = Arc::new(AtomicBool::new(false));
-        let feeder = {
-            let mut publisher = publisher(&config, &js);
-            let stop = stop.clone();
-            tokio::spawn(async move {
-                let mut next = 6_000u64;
-                while !stop.load(Ordering::Relaxed) {
-                    let minutes = i64::try_from(next % 7).unwrap();
-                    publish_requests(&mut publisher, next, 50, now - time::Duration::minutes(minutes)).await.unwrap();
-                    next += 50;
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-                next
-            })
-        };
+        let (stop, feeder) = feed(publisher(&config, &js), 6_000, 7, now);
 
         // An install from before the change: the default granularity, with rows in it (put back
         // by the same mechanism, under live inserts, so it is exact too).
@@ -245,21 +254,7 @@ async fn t_digest_rollups_get_ddsketch_states_exactly_while_events_flow() -> Tes
         let now = OffsetDateTime::now_utc();
         publish_requests(&mut first_batch, 0, 1_000, now - time::Duration::hours(1)).await?;
 
-        let stop = Arc::new(AtomicBool::new(false));
-        let feeder = {
-            let mut publisher = publisher(&config, &js);
-            let stop = stop.clone();
-            tokio::spawn(async move {
-                let mut next = 1_000u64;
-                while !stop.load(Ordering::Relaxed) {
-                    let minutes = i64::try_from(next % 5).unwrap();
-                    publish_requests(&mut publisher, next, 50, now - time::Duration::minutes(minutes)).await.unwrap();
-                    next += 50;
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-                next
-            })
-        };
+        let (stop, feeder) = feed(publisher(&config, &js), 1_000, 5, now);
         let projector = Shutdown::new();
         stone_analytics::build(&instance(&config, "upgraded"), &projector).await?;
         assert_eq!(wait_for_granularity(&config, 256).await?, Some(256), "every layout change is done");
