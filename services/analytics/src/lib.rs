@@ -126,10 +126,20 @@ pub async fn build(config: &StoneConfig, shutdown: &Shutdown) -> anyhow::Result<
     shutdown.spawn(coordinator::run(context, config.partitions, shutdown.token()));
     if !laid_out {
         shutdown.spawn(async move {
-            match layout::ensure(&relayout, layout::WhenBusy::Wait, &token).await {
-                Ok(_) => {}
-                Err(_) if token.is_cancelled() => {}
-                Err(error) => tracing::error!(error = %format!("{error:#}"), "table re-layout failed"),
+            // Until done: a failure (ClickHouse unreachable, say) is tried again, since queries
+            // against the old layout fail until it is done.
+            loop {
+                match layout::ensure(&relayout, layout::WhenBusy::Wait, &token).await {
+                    Ok(_) => break,
+                    Err(_) if token.is_cancelled() => break,
+                    Err(error) => {
+                        tracing::error!(error = %format!("{error:#}"), "table re-layout failed; retrying in 5 s")
+                    }
+                }
+                tokio::select! {
+                    () = tokio::time::sleep(Duration::from_secs(5)) => {}
+                    () = token.cancelled() => break,
+                }
             }
         });
     }
