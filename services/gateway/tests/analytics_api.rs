@@ -177,7 +177,7 @@ impl TestApp {
 #[tokio::test]
 async fn rollups_and_raw_rows_give_the_same_exact_numbers() -> TestResult {
     let app = TestApp::spawn().await?;
-    let outcome = async {
+    let outcome = stone_kit::testing::caught(async {
         let hour = app.ok(&format!("/v1/analytics/summary?{}", app.range(60)?)).await?;
         assert_eq!(hour["source"], "hour");
         assert_eq!(
@@ -246,16 +246,16 @@ async fn rollups_and_raw_rows_give_the_same_exact_numbers() -> TestResult {
         let p99 = app.ok(&format!("/v1/analytics/top?{}&by=status&order=p99", app.range(60)?)).await?;
         assert!(p99["entries"][0]["p99_us"].as_f64().is_some(), "{p99}");
         Ok::<_, Box<dyn std::error::Error>>(())
-    }
+    })
     .await;
     app.finish().await;
-    outcome
+    stone_kit::testing::rethrow(outcome)
 }
 
 #[tokio::test]
 async fn request_search_in_time_slices_returns_what_one_query_over_the_range_does() -> TestResult {
     let app = TestApp::spawn().await?;
-    let outcome = async {
+    let outcome = stone_kit::testing::caught(async {
         // Every 5xx of the hour across routes, newest first, as one query over the whole range.
         let client = stone_kit::clickhouse::client(&app.config);
         let expected: Vec<String> = client
@@ -291,16 +291,16 @@ async fn request_search_in_time_slices_returns_what_one_query_over_the_range_doe
         let page = app.ok(&format!("/v1/analytics/requests?{}&cursor={cursor}", app.range(60)?)).await?;
         assert_eq!((page["requests"].as_array().map(Vec::len), &page["next_cursor"]), (Some(0), &Value::Null));
         Ok::<_, Box<dyn std::error::Error>>(())
-    }
+    })
     .await;
     app.finish().await;
-    outcome
+    stone_kit::testing::rethrow(outcome)
 }
 
 #[tokio::test]
 async fn request_search_pages_newest_first_without_gaps_or_repeats() -> TestResult {
     let app = TestApp::spawn().await?;
-    let outcome = async {
+    let outcome = stone_kit::testing::caught(async {
         let mut seen = std::collections::BTreeSet::new();
         let mut cursor: Option<String> = None;
         let mut pages = 0;
@@ -328,16 +328,16 @@ async fn request_search_pages_newest_first_without_gaps_or_repeats() -> TestResu
         assert_eq!(seen.len(), 80);
         assert_eq!(pages, 3);
         Ok::<_, Box<dyn std::error::Error>>(())
-    }
+    })
     .await;
     app.finish().await;
-    outcome
+    stone_kit::testing::rethrow(outcome)
 }
 
 #[tokio::test]
 async fn upstream_health_now_and_over_time() -> TestResult {
     let app = TestApp::spawn().await?;
-    let outcome = async {
+    let outcome = stone_kit::testing::caught(async {
         let now = app.ok("/v1/health/upstreams?upstream=users-svc").await?;
         let targets = now["targets"].as_array().unwrap();
         assert_eq!(targets.len(), 2, "{now}");
@@ -348,16 +348,16 @@ async fn upstream_health_now_and_over_time() -> TestResult {
             timeline["transitions"].as_array().unwrap().iter().map(|t| t["state"].as_str().unwrap()).collect();
         assert_eq!(states, ["down", "up"]);
         Ok::<_, Box<dyn std::error::Error>>(())
-    }
+    })
     .await;
     app.finish().await;
-    outcome
+    stone_kit::testing::rethrow(outcome)
 }
 
 #[tokio::test]
 async fn bad_parameters_are_400_naming_the_field() -> TestResult {
     let app = TestApp::spawn().await?;
-    let outcome = async {
+    let outcome = stone_kit::testing::caught(async {
         for (uri, field) in [
             ("/v1/analytics/timeseries?interval=2m", "interval"),
             ("/v1/analytics/timeseries?group_by=path", "group_by"),
@@ -379,8 +379,8 @@ async fn bad_parameters_are_400_naming_the_field() -> TestResult {
             assert_eq!(body["error"]["field"], field, "{uri}: {body}");
         }
         Ok::<_, Box<dyn std::error::Error>>(())
-    }
+    })
     .await;
     app.finish().await;
-    outcome
+    stone_kit::testing::rethrow(outcome)
 }

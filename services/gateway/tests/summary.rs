@@ -167,9 +167,9 @@ fn fixture_rows(from: OffsetDateTime, to: OffsetDateTime) -> Vec<RequestRow> {
 #[tokio::test]
 async fn summary_counts_exactly_and_filters_narrow() -> TestResult {
     let app = TestApp::spawn().await?;
-    let outcome = summary_scenario(&app).await;
+    let outcome = stone_kit::testing::caught(summary_scenario(&app)).await;
     app.finish().await?;
-    outcome
+    stone_kit::testing::rethrow(outcome)
 }
 
 async fn summary_scenario(app: &TestApp) -> TestResult {
@@ -238,9 +238,9 @@ async fn summary_scenario(app: &TestApp) -> TestResult {
 #[tokio::test]
 async fn readiness_follows_clickhouse_and_errors_are_json() -> TestResult {
     let app = TestApp::spawn().await?;
-    let outcome = readiness_scenario(&app).await;
+    let outcome = stone_kit::testing::caught(readiness_scenario(&app)).await;
     app.finish().await?;
-    outcome
+    stone_kit::testing::rethrow(outcome)
 }
 
 async fn readiness_scenario(app: &TestApp) -> TestResult {

@@ -84,3 +84,25 @@ fn split(config: &StoneConfig) -> anyhow::Result<(String, String)> {
     );
     Ok((server.to_owned(), database.to_owned()))
 }
+
+/// Runs a test body, catching a panic (a failed assertion) so that the caller can clean up before
+/// passing it on with [`rethrow`]: a test that panics must not leave its streams and databases
+/// behind on the shared servers.
+///
+/// ```ignore
+/// let outcome = stone_kit::testing::caught(async { /* assertions */ }).await;
+/// app.finish().await;
+/// stone_kit::testing::rethrow(outcome)
+/// ```
+pub async fn caught<T>(test: impl std::future::Future<Output = T>) -> std::thread::Result<T> {
+    use futures::FutureExt;
+    std::panic::AssertUnwindSafe(test).catch_unwind().await
+}
+
+/// What [`caught`] caught: the body's value, or its panic resumed.
+pub fn rethrow<T>(outcome: std::thread::Result<T>) -> T {
+    match outcome {
+        Ok(value) => value,
+        Err(panic) => std::panic::resume_unwind(panic),
+    }
+}

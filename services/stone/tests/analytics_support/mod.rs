@@ -151,13 +151,9 @@ pub fn quick_projector_config(prefix: &str) -> StoneConfig {
 /// (`stone_kit::testing::cleanup`) whether the body returned or panicked: a failed assertion
 /// must not leave a namespace (and its stream reservations) behind on the shared server.
 pub async fn with_cleanup(config: &StoneConfig, test: impl std::future::Future<Output = TestResult>) -> TestResult {
-    use futures::FutureExt;
-    let outcome = std::panic::AssertUnwindSafe(test).catch_unwind().await;
+    let outcome = stone_kit::testing::caught(test).await;
     stone_kit::testing::cleanup(config).await;
-    match outcome {
-        Ok(result) => result,
-        Err(panic) => std::panic::resume_unwind(panic),
-    }
+    stone_kit::testing::rethrow(outcome)
 }
 
 /// A `stone analytics` child process, killed (SIGKILL) when dropped.
