@@ -125,8 +125,12 @@ async fn measure(config: &StoneConfig, args: &PipelineBenchArgs) -> anyhow::Resu
     line(&mut report, format!("published {} events at {publish_rate:.0} ev/s", args.events));
 
     // 2. Raw consume: the same events through the projector's reader kind, no work.
+    let processes = Processes::find();
+    let before = processes.ticks();
     let consume_rate = raw_consume(config, &js, args.events).await?;
+    let consume_cpu = processes.ticks().since(&before);
     line(&mut report, format!("raw JetStream consume, one ordered consumer over the stream: {consume_rate:.0} ev/s"));
+    line(&mut report, format!("  CPU per event: {}", consume_cpu.per_event(args.events, "reader")));
     line(
         &mut report,
         format!(
@@ -142,6 +146,7 @@ async fn measure(config: &StoneConfig, args: &PipelineBenchArgs) -> anyhow::Resu
     // which must be in place before it records anything.
     stone_kit::telemetry::metrics_handle();
     let shutdown = Shutdown::new();
+    let before = processes.ticks();
     let started = Instant::now();
     stone_analytics::build(config, &shutdown).await?;
     let clickhouse = stone_kit::clickhouse::client(config);
@@ -166,6 +171,7 @@ async fn measure(config: &StoneConfig, args: &PipelineBenchArgs) -> anyhow::Resu
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     anyhow::ensure!(rolled == args.events, "hourly rollup holds {rolled} of {} events", args.events);
+    let pipeline_cpu = processes.ticks().since(&before);
     line(
         &mut report,
         format!(
@@ -173,6 +179,16 @@ async fn measure(config: &StoneConfig, args: &PipelineBenchArgs) -> anyhow::Resu
             pipeline_rate / consume_rate
         ),
     );
+    line(&mut report, format!("  CPU per event: {}", pipeline_cpu.per_event(args.events, "projector")));
+    if let (Some(raw), Some(pipeline)) = (consume_cpu.total(), pipeline_cpu.total()) {
+        line(
+            &mut report,
+            format!(
+                "  events per CPU second, pipeline / raw consume: {:.2} (the ratio above with the machine's other load taken out)",
+                raw / pipeline
+            ),
+        );
+    }
     let batches = Batches::now();
     line(&mut report, format!("  {batches}"));
 
@@ -255,6 +271,86 @@ async fn measure(config: &StoneConfig, args: &PipelineBenchArgs) -> anyhow::Resu
     shutdown.trigger();
     let _ = shutdown.drain(Duration::from_secs(10)).await;
     Ok(report)
+}
+
+/// The processes whose CPU time an event costs: this one (the reader, then the projector; the
+/// bench's own polling is a query every 100 ms), the local nats-server and the ClickHouse server
+/// (a `clickhouse` process or the development stack's chDB server). On a machine shared with
+/// other work, events per second move with the neighbours' load; CPU time per event much less.
+struct Processes {
+    own: Vec<u32>,
+    nats: Vec<u32>,
+    clickhouse: Vec<u32>,
+}
+
+#[derive(Clone, Copy)]
+struct Ticks {
+    own: u64,
+    nats: u64,
+    clickhouse: u64,
+}
+
+impl Processes {
+    fn find() -> Self {
+        let clickhouse = crate::bench_proxy::processes(|stat| stat.contains("(clickhouse"))
+            .into_iter()
+            .chain(crate::bench_proxy::processes(|stat| stat.contains("(python")).into_iter().filter(|pid| {
+                std::fs::read(format!("/proc/{pid}/cmdline"))
+                    .is_ok_and(|cmdline| String::from_utf8_lossy(&cmdline).contains("chdb/server.py"))
+            }))
+            .collect();
+        Self {
+            own: vec![std::process::id()],
+            nats: crate::bench_proxy::processes(|stat| stat.contains("(nats-server)")),
+            clickhouse,
+        }
+    }
+
+    fn ticks(&self) -> Ticks {
+        Ticks {
+            own: crate::bench_proxy::cpu_ticks(&self.own),
+            nats: crate::bench_proxy::cpu_ticks(&self.nats),
+            clickhouse: crate::bench_proxy::cpu_ticks(&self.clickhouse),
+        }
+    }
+}
+
+/// CPU seconds spent between two [`Ticks`], per process kind (`None` where none was found).
+struct CpuSpent {
+    own: f64,
+    nats: Option<f64>,
+    clickhouse: Option<f64>,
+}
+
+impl Ticks {
+    fn since(&self, before: &Ticks) -> CpuSpent {
+        let seconds = |after: u64, before: u64| {
+            after.saturating_sub(before) as f64 / crate::bench_proxy::clock_ticks_per_second()
+        };
+        CpuSpent {
+            own: seconds(self.own, before.own),
+            nats: (self.nats > 0).then(|| seconds(self.nats, before.nats)),
+            clickhouse: (self.clickhouse > 0).then(|| seconds(self.clickhouse, before.clickhouse)),
+        }
+    }
+}
+
+impl CpuSpent {
+    /// All three, when both servers were found.
+    fn total(&self) -> Option<f64> {
+        Some(self.own + self.nats? + self.clickhouse.unwrap_or(0.0)).filter(|total| *total > 0.0)
+    }
+
+    fn per_event(&self, events: u64, own_name: &str) -> String {
+        let micros = |seconds: f64| format!("{:.1} µs", seconds * 1e6 / events.max(1) as f64);
+        let optional = |seconds: Option<f64>| seconds.map_or_else(|| "not found".to_owned(), micros);
+        format!(
+            "{own_name} {}, nats-server {}, ClickHouse {}",
+            micros(self.own),
+            optional(self.nats),
+            optional(self.clickhouse)
+        )
+    }
 }
 
 /// Reads every event once through one ordered consumer over the whole stream: the reader kind

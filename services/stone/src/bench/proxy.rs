@@ -206,7 +206,7 @@ fn peak_rss_kib(pid: u32) -> Option<u64> {
 }
 
 /// CPU clock ticks (user + system, all threads) of `pids`, from `/proc/<pid>/stat`.
-fn cpu_ticks(pids: &[u32]) -> u64 {
+pub(crate) fn cpu_ticks(pids: &[u32]) -> u64 {
     pids.iter()
         .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/stat")).ok())
         .filter_map(|stat| {
@@ -227,7 +227,7 @@ fn process_tree(root: u32) -> Vec<u32> {
 }
 
 /// Processes whose `/proc/<pid>/stat` satisfies `keep`.
-fn processes(keep: impl Fn(&str) -> bool) -> Vec<u32> {
+pub(crate) fn processes(keep: impl Fn(&str) -> bool) -> Vec<u32> {
     let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
     entries
         .filter_map(Result::ok)
@@ -237,7 +237,7 @@ fn processes(keep: impl Fn(&str) -> bool) -> Vec<u32> {
 }
 
 /// Clock ticks per second of `/proc` CPU times.
-fn clock_ticks_per_second() -> f64 {
+pub(crate) fn clock_ticks_per_second() -> f64 {
     Command::new("getconf")
         .arg("CLK_TCK")
         .output()
