@@ -167,8 +167,52 @@ impl<'a> RawEnvelope<'a> {
     }
 }
 
+/// A `request.completed` envelope read in one pass, its data straight into the current version.
+/// Most events are these, and the general path reads every envelope twice (the envelope with its
+/// data as a raw value, then the data by type and version): about 0.5 µs of the projector's
+/// ~3 µs per event (`cargo run --release -p stone-analytics --example decode_cost`).
+#[derive(Deserialize)]
+struct CurrentRequest {
+    id: Uuid,
+    #[serde(rename = "type")]
+    event_type: String,
+    version: u32,
+    #[serde(with = "timestamp")]
+    time: OffsetDateTime,
+    source: String,
+    config_seq: u64,
+    #[serde(default)]
+    traceparent: Option<String>,
+    #[serde(default)]
+    tracestate: Option<String>,
+    data: RequestCompleted,
+}
+
+/// The fast path: only an envelope that reads as the current `request.completed` and says it is
+/// one. Anything else, including every error, goes the general way, so results and error
+/// reasons are the general path's.
+fn current_request(bytes: &[u8]) -> Option<Event> {
+    let parsed: CurrentRequest = serde_json::from_slice(bytes).ok()?;
+    if parsed.event_type != RequestCompleted::TYPE || parsed.version != RequestCompleted::VERSION {
+        return None;
+    }
+    Some(Event::RequestCompleted(Envelope {
+        id: parsed.id,
+        event_type: parsed.event_type,
+        version: parsed.version,
+        time: parsed.time,
+        source: parsed.source,
+        config_seq: parsed.config_seq,
+        trace: TraceContext { traceparent: parsed.traceparent, tracestate: parsed.tracestate },
+        data: parsed.data,
+    }))
+}
+
 /// Decodes one published event, upcasting older versions to the current one.
 pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
+    if let Some(event) = current_request(bytes) {
+        return Ok(event);
+    }
     let raw: RawEnvelope<'_> = serde_json::from_slice(bytes).map_err(DecodeError::MalformedEnvelope)?;
     let Some((_, versions)) = KNOWN_EVENT_TYPES.iter().find(|(name, _)| *name == raw.event_type) else {
         return Err(DecodeError::UnknownType(raw.event_type));

@@ -128,7 +128,40 @@ pub mod timestamp {
 
     /// Parses any RFC 3339 time.
     pub fn parse(text: &str) -> Result<OffsetDateTime, time::error::Parse> {
-        OffsetDateTime::parse(text, &Rfc3339)
+        match parse_written(text) {
+            Some(time) => Ok(time),
+            None => OffsetDateTime::parse(text, &Rfc3339),
+        }
+    }
+
+    /// The shape [`format`] writes (`2026-11-22T16:00:46.359610Z`), read digit by digit: the
+    /// general RFC 3339 parser costs a tenth of a projector's decoding per event. Anything else,
+    /// including out-of-range fields, is left to that parser.
+    fn parse_written(text: &str) -> Option<OffsetDateTime> {
+        let bytes = text.as_bytes();
+        if bytes.len() != 27
+            || [(4, b'-'), (7, b'-'), (10, b'T'), (13, b':'), (16, b':'), (19, b'.'), (26, b'Z')]
+                .iter()
+                .any(|&(at, expected)| bytes[at] != expected)
+        {
+            return None;
+        }
+        let number = |from: usize, to: usize| -> Option<u32> {
+            bytes[from..to]
+                .iter()
+                .try_fold(0u32, |value, &byte| byte.is_ascii_digit().then(|| value * 10 + u32::from(byte - b'0')))
+        };
+        let year = i32::try_from(number(0, 4)?).ok()?;
+        let month = time::Month::try_from(u8::try_from(number(5, 7)?).ok()?).ok()?;
+        let date = time::Date::from_calendar_date(year, month, u8::try_from(number(8, 10)?).ok()?).ok()?;
+        let clock = time::Time::from_hms_micro(
+            u8::try_from(number(11, 13)?).ok()?,
+            u8::try_from(number(14, 16)?).ok()?,
+            u8::try_from(number(17, 19)?).ok()?,
+            number(20, 26)?,
+        )
+        .ok()?;
+        Some(time::PrimitiveDateTime::new(date, clock).assume_utc())
     }
 
     pub fn serialize<S: Serializer>(time: &OffsetDateTime, serializer: S) -> Result<S::Ok, S::Error> {

@@ -126,6 +126,20 @@ proptest! {
         prop_assert!((current.total_us as f64 - duration_ms * 1000.0).abs() <= 0.5 + duration_ms * 1e-9);
     }
 
+    /// The timestamp reader's digit-by-digit path for the written shape agrees with the general
+    /// RFC 3339 parser on every written time, and on the same text with one byte changed (out of
+    /// range fields, a leap second, other separators), where it must hand over or agree.
+    #[test]
+    fn timestamps_parse_as_rfc3339_parses_them(time in time_micros(), at in 0usize..27, byte in prop::sample::select(b"0123456789:-TZ.+ 6".to_vec())) {
+        let written = stone_events::timestamp::format(time);
+        prop_assert_eq!(stone_events::timestamp::parse(&written).ok(), Some(time));
+        let mut changed = written.into_bytes();
+        changed[at] = byte;
+        let changed = String::from_utf8(changed).unwrap_or_default();
+        let general = OffsetDateTime::parse(&changed, &time::format_description::well_known::Rfc3339).ok();
+        prop_assert_eq!(stone_events::timestamp::parse(&changed).ok(), general, "{}", changed);
+    }
+
     #[test]
     fn decoding_arbitrary_bytes_never_panics(bytes in prop::collection::vec(any::<u8>(), 0..256)) {
         let _ = decode(&bytes);

@@ -133,7 +133,11 @@ impl Block {
         self.header(name, "LowCardinality(String)");
         // Key 0 is the type's default, as the server's own blocks have it.
         let mut keys: Vec<&str> = vec![""];
-        let mut positions: HashMap<&str, u32> = HashMap::from([("", 0)]);
+        // A dictionary holds a handful of keys and is probed once per row of eleven columns: a
+        // fast non-cryptographic hash (the keys are our own rows, not an attacker's choice of
+        // collisions that could matter beyond one batch's encoding).
+        let mut positions: HashMap<&str, u32, foldhash::fast::FixedState> = HashMap::default();
+        positions.insert("", 0);
         let mut indexes: Vec<u32> = Vec::with_capacity(self.rows);
         for value in values {
             let next = keys.len() as u32;
