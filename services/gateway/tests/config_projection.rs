@@ -171,34 +171,39 @@ async fn a_projection_rebuilt_from_the_stream_equals_the_live_one() -> TestResul
     // Its own database, the live stream.
     let projector_config = stone_kit::StoneConfig { namespace: app.config.namespace.clone(), ..rebuilt_config.clone() };
     let rebuilt_shutdown = stone_kit::Shutdown::new();
-    stone_config_projector::build(&projector_config, &rebuilt_shutdown).await?;
-    let rebuilt = PgPool::connect(&rebuilt_config.database_url).await?;
-    app.wait_projected(&rebuilt, app.last_seq().await?).await?;
-    assert_eq!(
-        stone_config_projector::projected_entities(&rebuilt).await?,
-        stone_config_projector::projected_entities(&app.pool).await?
-    );
-    let history = "SELECT to_jsonb(h) FROM config_history h ORDER BY stream_seq";
-    let live_history: Vec<Value> = sqlx::query_scalar(history).fetch_all(&app.pool).await?;
-    let rebuilt_history: Vec<Value> = sqlx::query_scalar(history).fetch_all(&rebuilt).await?;
-    assert!(!live_history.is_empty());
-    assert_eq!(rebuilt_history, live_history, "history, with who and when, is rebuilt exactly");
+    // `ConfigApp`'s drop removes only the app's own streams and database, not this one: caught,
+    // so that a failed assertion below still stops this projector and drops its database.
+    let outcome: std::thread::Result<TestResult> = stone_kit::testing::caught(async {
+        stone_config_projector::build(&projector_config, &rebuilt_shutdown).await?;
+        let rebuilt = PgPool::connect(&rebuilt_config.database_url).await?;
+        app.wait_projected(&rebuilt, app.last_seq().await?).await?;
+        assert_eq!(
+            stone_config_projector::projected_entities(&rebuilt).await?,
+            stone_config_projector::projected_entities(&app.pool).await?
+        );
+        let history = "SELECT to_jsonb(h) FROM config_history h ORDER BY stream_seq";
+        let live_history: Vec<Value> = sqlx::query_scalar(history).fetch_all(&app.pool).await?;
+        let rebuilt_history: Vec<Value> = sqlx::query_scalar(history).fetch_all(&rebuilt).await?;
+        assert!(!live_history.is_empty());
+        assert_eq!(rebuilt_history, live_history, "history, with who and when, is rebuilt exactly");
 
-    // Resetting the live projection and restarting rebuilds it in place, to the same rows.
-    let before_reset = stone_config_projector::projected_entities(&app.pool).await?;
-    let _ = app.projector.drain(std::time::Duration::from_secs(5)).await;
-    stone_config_projector::reset(&app.pool).await?;
-    assert_eq!(stone_config_projector::checkpoint(&app.pool).await?, 0);
-    app.restart_projector().await?;
-    app.wait_projected(&app.pool, app.last_seq().await?).await?;
-    assert_eq!(stone_config_projector::projected_entities(&app.pool).await?, before_reset);
-
+        // Resetting the live projection and restarting rebuilds it in place, to the same rows.
+        let before_reset = stone_config_projector::projected_entities(&app.pool).await?;
+        let _ = app.projector.drain(std::time::Duration::from_secs(5)).await;
+        stone_config_projector::reset(&app.pool).await?;
+        assert_eq!(stone_config_projector::checkpoint(&app.pool).await?, 0);
+        app.restart_projector().await?;
+        app.wait_projected(&app.pool, app.last_seq().await?).await?;
+        assert_eq!(stone_config_projector::projected_entities(&app.pool).await?, before_reset);
+        rebuilt.close().await;
+        Ok(())
+    })
+    .await;
     let _ = rebuilt_shutdown.drain(std::time::Duration::from_secs(5)).await;
-    rebuilt.close().await;
     // Its namespace has no streams: this drops only the rebuilt database.
     stone_kit::testing::cleanup(&rebuilt_config).await;
     app.finish().await;
-    Ok(())
+    stone_kit::testing::rethrow(outcome)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

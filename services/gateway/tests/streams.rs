@@ -14,6 +14,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use stone_events::request::{CacheStatus, RequestCompleted};
 use stone_events::{Envelope, EventData};
+use stone_kit::testing::{caught, rethrow};
 use stone_kit::{Shutdown, StoneConfig};
 
 fn request(route: &str, status: u16, total_us: u64) -> RequestCompleted {
@@ -148,75 +149,83 @@ impl SseReader {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn filtered_stream_resumes_without_gaps_or_duplicates() {
     let app = App::start(8).await;
-    let mut wanted = Vec::new();
-    for index in 0..10u64 {
-        let route = if index % 2 == 0 { "checkout" } else { "search" };
-        let sequence = app.publish(request(route, 200 + (index as u16 % 2) * 300, 1_000 * index)).await;
-        if route == "checkout" {
-            wanted.push(sequence);
+    let outcome = caught(async {
+        let mut wanted = Vec::new();
+        for index in 0..10u64 {
+            let route = if index % 2 == 0 { "checkout" } else { "search" };
+            let sequence = app.publish(request(route, 200 + (index as u16 % 2) * 300, 1_000 * index)).await;
+            if route == "checkout" {
+                wanted.push(sequence);
+            }
         }
-    }
 
-    let (status, mut reader) = app.open("route=checkout&from_seq=0", None).await;
-    assert_eq!(status, 200);
-    let mut seen = Vec::new();
-    for _ in 0..3 {
-        let event = reader.next_event().await;
-        assert_eq!(event.event, "request.completed");
-        let body: serde_json::Value = serde_json::from_str(&event.data).unwrap();
-        assert_eq!(body["data"]["route"], "checkout");
-        assert_eq!(body["version"], 2);
-        seen.push(event.id.unwrap());
-    }
-    drop(reader);
+        let (status, mut reader) = app.open("route=checkout&from_seq=0", None).await;
+        assert_eq!(status, 200);
+        let mut seen = Vec::new();
+        for _ in 0..3 {
+            let event = reader.next_event().await;
+            assert_eq!(event.event, "request.completed");
+            let body: serde_json::Value = serde_json::from_str(&event.data).unwrap();
+            assert_eq!(body["data"]["route"], "checkout");
+            assert_eq!(body["version"], 2);
+            seen.push(event.id.unwrap());
+        }
+        drop(reader);
 
-    // Resume after the last one seen: exactly the rest, in order.
-    let (status, mut resumed) = app.open("route=checkout", seen.last().copied()).await;
-    assert_eq!(status, 200);
-    for _ in 0..2 {
-        seen.push(resumed.next_event().await.id.unwrap());
-    }
-    assert_eq!(seen, wanted);
+        // Resume after the last one seen: exactly the rest, in order.
+        let (status, mut resumed) = app.open("route=checkout", seen.last().copied()).await;
+        assert_eq!(status, 200);
+        for _ in 0..2 {
+            seen.push(resumed.next_event().await.id.unwrap());
+        }
+        assert_eq!(seen, wanted);
 
-    // Live: an event published now arrives on the open stream.
-    let live = app.publish(request("checkout", 200, 5)).await;
-    assert_eq!(resumed.next_event().await.id, Some(live));
-    drop(resumed);
+        // Live: an event published now arrives on the open stream.
+        let live = app.publish(request("checkout", 200, 5)).await;
+        assert_eq!(resumed.next_event().await.id, Some(live));
+        drop(resumed);
 
-    // Post-decode filters: exact status and minimum latency.
-    let (_, mut slow) = app.open("status=500&min_latency_ms=5&from_seq=0", None).await;
-    let first = slow.next_event().await;
-    let body: serde_json::Value = serde_json::from_str(&first.data).unwrap();
-    assert_eq!(body["data"]["status"], 500);
-    assert!(body["data"]["total_us"].as_u64().unwrap() >= 5_000);
-    drop(slow);
+        // Post-decode filters: exact status and minimum latency.
+        let (_, mut slow) = app.open("status=500&min_latency_ms=5&from_seq=0", None).await;
+        let first = slow.next_event().await;
+        let body: serde_json::Value = serde_json::from_str(&first.data).unwrap();
+        assert_eq!(body["data"]["status"], 500);
+        assert!(body["data"]["total_us"].as_u64().unwrap() >= 5_000);
+        drop(slow);
+    })
+    .await;
     app.finish().await;
+    rethrow(outcome)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_filters_and_too_many_streams_are_refused() {
     let app = App::start(1).await;
-    // No token, a bad token, then the token as a query parameter (how browsers send it).
-    assert_eq!(app.open_as("", None, None).await.0, 401);
-    assert_eq!(app.open_as("", None, Some("stn_nope_nope")).await.0, 401);
-    let (status, query_token_stream) = app.open_as(&format!("access_token={}", app.token), None, None).await;
-    assert_eq!(status, 200);
-    drop(query_token_stream);
-    assert_eq!(app.open("route=bad.name", None).await.0, 400);
-    assert_eq!(app.open("colour=blue", None).await.0, 400);
-    // The slot comes back once the server notices the disconnect: wait for it, bounded.
-    let mut first = None;
-    for _ in 0..100 {
-        let (status, stream) = app.open("", None).await;
-        if status == 200 {
-            first = Some(stream);
-            break;
+    let outcome = caught(async {
+        // No token, a bad token, then the token as a query parameter (how browsers send it).
+        assert_eq!(app.open_as("", None, None).await.0, 401);
+        assert_eq!(app.open_as("", None, Some("stn_nope_nope")).await.0, 401);
+        let (status, query_token_stream) = app.open_as(&format!("access_token={}", app.token), None, None).await;
+        assert_eq!(status, 200);
+        drop(query_token_stream);
+        assert_eq!(app.open("route=bad.name", None).await.0, 400);
+        assert_eq!(app.open("colour=blue", None).await.0, 400);
+        // The slot comes back once the server notices the disconnect: wait for it, bounded.
+        let mut first = None;
+        for _ in 0..100 {
+            let (status, stream) = app.open("", None).await;
+            if status == 200 {
+                first = Some(stream);
+                break;
+            }
+            assert_eq!(status, 503);
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        assert_eq!(status, 503);
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(first.is_some(), "the stream slot was released");
-    let (status, _) = app.open("", None).await;
-    assert_eq!(status, 503, "only one stream may be open");
+        assert!(first.is_some(), "the stream slot was released");
+        let (status, _) = app.open("", None).await;
+        assert_eq!(status, 503, "only one stream may be open");
+    })
+    .await;
     app.finish().await;
+    rethrow(outcome)
 }
