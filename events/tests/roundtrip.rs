@@ -8,7 +8,7 @@ use stone_events::cache::{CacheAction, CacheEvent, CacheTier};
 use stone_events::config::{ConfigChange, ConfigOp, EntityKind, EntitySpec, LbAlgorithm, TargetSpec, UpstreamSpec};
 use stone_events::health::{HealthCheckKind, TargetHealthChanged, TargetState};
 use stone_events::request::{CacheStatus, ErrorKind, RateLimitDecision, RequestCompleted, RequestCompletedV1};
-use stone_events::{Envelope, Event, EventData, decode};
+use stone_events::{Envelope, Event, EventData, TraceContext, decode};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
@@ -74,9 +74,14 @@ prop_compose! {
 }
 
 fn envelope<T: EventData>(data: T) -> impl Strategy<Value = Envelope<T>> {
-    (any::<u128>(), time_micros(), text(), any::<u64>()).prop_map(move |(id, time, source, config_seq)| {
-        Envelope::with_id(Uuid::from_u128(id), time, source, config_seq, data.clone())
-    })
+    let trace = (prop::option::of(text()), prop::option::of(text()));
+    (any::<u128>(), time_micros(), text(), any::<u64>(), trace).prop_map(
+        move |(id, time, source, config_seq, (traceparent, tracestate))| {
+            let mut envelope = Envelope::with_id(Uuid::from_u128(id), time, source, config_seq, data.clone());
+            envelope.trace = TraceContext { traceparent, tracestate };
+            envelope
+        },
+    )
 }
 
 proptest! {
