@@ -283,11 +283,11 @@ struct Processes {
     clickhouse: Vec<u32>,
 }
 
-#[derive(Clone, Copy)]
+/// CPU clock ticks of each kind; `None` for a server with no process found.
 struct Ticks {
     own: u64,
-    nats: u64,
-    clickhouse: u64,
+    nats: Option<u64>,
+    clickhouse: Option<u64>,
 }
 
 impl Processes {
@@ -307,10 +307,11 @@ impl Processes {
     }
 
     fn ticks(&self) -> Ticks {
+        let found = |pids: &[u32]| (!pids.is_empty()).then(|| crate::bench_proxy::cpu_ticks(pids));
         Ticks {
             own: crate::bench_proxy::cpu_ticks(&self.own),
-            nats: crate::bench_proxy::cpu_ticks(&self.nats),
-            clickhouse: crate::bench_proxy::cpu_ticks(&self.clickhouse),
+            nats: found(&self.nats),
+            clickhouse: found(&self.clickhouse),
         }
     }
 }
@@ -324,19 +325,20 @@ struct CpuSpent {
 
 impl Ticks {
     fn since(&self, before: &Ticks) -> CpuSpent {
-        let seconds = |after: u64, before: u64| {
-            after.saturating_sub(before) as f64 / crate::bench_proxy::clock_ticks_per_second()
-        };
+        let per_second = crate::bench_proxy::clock_ticks_per_second();
+        let seconds = |after: u64, before: u64| after.saturating_sub(before) as f64 / per_second;
+        let both = |after: Option<u64>, before: Option<u64>| Some(seconds(after?, before?));
         CpuSpent {
             own: seconds(self.own, before.own),
-            nats: (self.nats > 0).then(|| seconds(self.nats, before.nats)),
-            clickhouse: (self.clickhouse > 0).then(|| seconds(self.clickhouse, before.clickhouse)),
+            nats: both(self.nats, before.nats),
+            clickhouse: both(self.clickhouse, before.clickhouse),
         }
     }
 }
 
 impl CpuSpent {
-    /// All three, when both servers were found.
+    /// This process, nats-server and, where found, the ClickHouse server (the raw read costs it
+    /// nothing); `None` without nats-server.
     fn total(&self) -> Option<f64> {
         Some(self.own + self.nats? + self.clickhouse.unwrap_or(0.0)).filter(|total| *total > 0.0)
     }
