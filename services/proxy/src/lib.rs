@@ -19,6 +19,7 @@ pub mod registry;
 pub mod routing;
 pub mod service;
 pub mod spool;
+pub mod timer;
 pub mod tls;
 
 use std::net::SocketAddr;
@@ -220,7 +221,7 @@ async fn accept_loop(
     builder
         .http1()
         .max_buf_size(MAX_REQUEST_HEAD_BYTES)
-        .timer(TokioTimer::new())
+        .timer(crate::timer::CoarseTimer::start())
         .header_read_timeout(HEADER_READ_TIMEOUT);
     builder.http2().timer(TokioTimer::new()).max_header_list_size(MAX_REQUEST_HEAD_BYTES as u32);
     loop {

@@ -230,7 +230,7 @@ impl ProxyService {
     ) -> Response<ProxyBody> {
         let started = Instant::now();
         let started_at = OffsetDateTime::now_utc();
-        let event_id = Uuid::now_v7();
+        let event_id = event_id_at(started_at);
         let shared = &self.shared;
         shared.in_flight.fetch_add(1, Ordering::Relaxed);
         let _in_flight = InFlightGuard(&shared.in_flight);
@@ -846,6 +846,15 @@ pub(crate) fn format_ip(ip: std::net::IpAddr) -> String {
 }
 
 /// `X-Request-Id` for an event id, formatted without an intermediate `String`.
+/// A version 7 UUID for the request that started at `at`: its millisecond, then 74 random bits
+/// from the thread's generator. `Uuid::now_v7` orders the ids of one millisecond through a
+/// process-wide context behind a lock, which every request of every worker thread would take;
+/// ids only have to be unique and roughly time-ordered (the stream sequence orders events).
+fn event_id_at(at: OffsetDateTime) -> Uuid {
+    let millis = u64::try_from(at.unix_timestamp_nanos() / 1_000_000).unwrap_or_default();
+    uuid::Builder::from_unix_timestamp_millis(millis, &rand::random()).into_uuid()
+}
+
 fn request_id_header(event_id: Uuid) -> Option<HeaderValue> {
     let mut buffer = Uuid::encode_buffer();
     HeaderValue::from_str(event_id.hyphenated().encode_lower(&mut buffer)).ok()
@@ -913,6 +922,19 @@ mod tests {
         fn ipv4_is_formatted_as_to_string_does(address in any::<u32>()) {
             let ip = IpAddr::V4(Ipv4Addr::from(address));
             prop_assert_eq!(format_ip(ip), ip.to_string());
+        }
+    }
+
+    #[test]
+    fn event_ids_are_version_7_with_the_request_time_and_distinct() {
+        let at = time::macros::datetime!(2026-11-22 18:30:01.234_567 UTC);
+        let ids: std::collections::HashSet<Uuid> = (0..1000).map(|_| event_id_at(at)).collect();
+        assert_eq!(ids.len(), 1000);
+        for id in ids {
+            assert_eq!(id.get_version_num(), 7);
+            assert_eq!(id.get_variant(), uuid::Variant::RFC4122);
+            let (seconds, nanos) = id.get_timestamp().map(|stamp| stamp.to_unix()).unwrap_or_default();
+            assert_eq!((seconds, nanos), (at.unix_timestamp() as u64, 234_000_000));
         }
     }
 

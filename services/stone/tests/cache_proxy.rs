@@ -120,8 +120,8 @@ async fn a_small_memory_tier_evicts_and_reports_evictions_summed() -> cache_supp
             })
             .collect::<Vec<_>>()
     };
-    // 40 objects of 2 KiB through an 8 KiB tier; moka applies evictions in batches as the tier is
-    // used, so keep using it until a report arrives and objects were asked for again.
+    // 40 objects of 2 KiB through an 8 KiB tier; evictions are reported once per interval, so
+    // keep using the tier until a report arrives and objects were asked for again.
     let mut reports = Vec::new();
     for round in 0..20 {
         for object in 0..40 {

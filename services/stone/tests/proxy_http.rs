@@ -175,6 +175,52 @@ async fn limits_smuggling_and_upstream_failures_get_the_right_status() -> TestRe
     .await
 }
 
+/// Reads until the server closes the connection; `None` if it is still open after a minute.
+async fn until_closed(stream: &mut tokio::net::TcpStream) -> Option<String> {
+    let mut received = Vec::new();
+    let mut buffer = [0u8; 4096];
+    loop {
+        match tokio::time::timeout(Duration::from_secs(60), stream.read(&mut buffer)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return Some(String::from_utf8_lossy(&received).into_owned()),
+            Ok(Ok(read)) => received.extend_from_slice(&buffer[..read]),
+            Err(_) => return None,
+        }
+    }
+}
+
+/// Slowloris: a client that never finishes its request head is disconnected by the header-read
+/// timeout, on a new connection and on a kept-alive one after a full exchange (the timeout is
+/// armed for every head a connection waits for).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_finishes_its_head_is_disconnected() -> TestResult {
+    with_proxy(|_config, proxy| async move {
+        let address = proxy.listen_addr;
+        let fresh = async {
+            let mut stream = tokio::net::TcpStream::connect(address).await?;
+            stream.write_all(b"GET /echo HTTP/1.1\r\nHost: a\r\nX-Slow: ").await?;
+            Ok::<_, BoxError>(until_closed(&mut stream).await)
+        };
+        let kept_alive = async {
+            let mut stream = tokio::net::TcpStream::connect(address).await?;
+            stream.write_all(b"GET /echo HTTP/1.1\r\nHost: a\r\n\r\n").await?;
+            let mut first = [0u8; 4096];
+            let read = stream.read(&mut first).await?;
+            let first = String::from_utf8_lossy(&first[..read]).into_owned();
+            stream.write_all(b"GET /echo HTTP/1.1\r\nHost: a\r\n").await?;
+            Ok::<_, BoxError>((first, until_closed(&mut stream).await))
+        };
+        let (fresh, kept_alive) = tokio::join!(fresh, kept_alive);
+        let fresh = fresh?.expect("a connection that never finished its head stayed open for a minute");
+        assert!(!fresh.contains("HTTP/1.1 "), "no answer to an unfinished head: {fresh}");
+        let (first, rest) = kept_alive?;
+        assert!(first.starts_with("HTTP/1.1 200"), "{first}");
+        let rest = rest.expect("a kept-alive connection that never finished its second head stayed open");
+        assert!(!rest.contains("HTTP/1.1 "), "no answer to the unfinished second head: {rest}");
+        Ok(())
+    })
+    .await
+}
+
 fn client_plain() -> Client<hyper_util::client::legacy::connect::HttpConnector, Empty<Bytes>> {
     Client::builder(TokioExecutor::new()).build_http()
 }

@@ -206,7 +206,7 @@ impl Cache {
 
     /// Bytes held by the memory tier.
     pub async fn memory_bytes(&self) -> u64 {
-        self.inner.memory.weighted_size().await
+        self.inner.memory.weighted_size()
     }
 
     /// Serves a GET or HEAD request through the cache. `Err` only when the upstream failed and
@@ -340,7 +340,7 @@ impl Cache {
         }
         let primary = key::primary_key(policy, host, path, query, headers, consumer);
         let now = unix_now();
-        let object = match self.inner.memory.get(&primary).await? {
+        let object = match self.inner.memory.get(&primary)? {
             Slot::Object(object) => object,
             Slot::Variants { names, generation, .. } => {
                 if let Some(changes) = unprepared
@@ -349,7 +349,7 @@ impl Cache {
                     return None;
                 }
                 let variant = key::variant_key(&primary, generation, &policy::secondary_key(&names, headers));
-                match self.inner.memory.get(&variant).await? {
+                match self.inner.memory.get(&variant)? {
                     Slot::Object(object) => object,
                     Slot::Variants { .. } => return None,
                 }
@@ -463,7 +463,7 @@ impl Cache {
     }
 
     async fn slot(&self, key: &str, now: u64) -> Option<(Slot, CacheTier)> {
-        if let Some(slot) = self.inner.memory.get(key).await {
+        if let Some(slot) = self.inner.memory.get(key) {
             return Some((slot, CacheTier::Memory));
         }
         let redis = self.inner.redis.as_ref()?;
@@ -474,7 +474,7 @@ impl Cache {
                 {
                     return None;
                 }
-                self.inner.memory.insert(key, slot.clone()).await;
+                self.inner.memory.insert(key, slot.clone());
                 Some((slot, CacheTier::Redis))
             }
             Ok(None) => None,
@@ -513,7 +513,7 @@ impl Cache {
     }
 
     async fn put(&self, key: &str, slot: Slot) {
-        self.inner.memory.insert(key, slot.clone()).await;
+        self.inner.memory.insert(key, slot.clone());
         if let Some(redis) = &self.inner.redis
             && let Err(error) = redis.put(key, &slot, unix_now()).await
         {

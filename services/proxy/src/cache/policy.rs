@@ -599,6 +599,11 @@ pub fn secondary_key(names: &[String], headers: &HeaderMap) -> String {
 /// Whether a client's conditional GET/HEAD is answered by 304 given the stored validators
 /// (RFC 9110 §13.1.2, §13.1.3: If-None-Match wins over If-Modified-Since).
 pub fn not_modified(request_headers: &HeaderMap, stored_headers: &HeaderMap) -> bool {
+    // Most requests carry neither condition.
+    if !request_headers.contains_key(header::IF_NONE_MATCH) && !request_headers.contains_key(header::IF_MODIFIED_SINCE)
+    {
+        return false;
+    }
     let if_none_match: Vec<&str> = request_headers
         .get_all(header::IF_NONE_MATCH)
         .iter()

@@ -1,7 +1,7 @@
 //! The two storage tiers and the entry format they share.
 //!
-//! The memory tier is a moka cache bounded by bytes; moka admits by TinyLFU, so one-hit wonders
-//! do not push out popular objects. The Redis tier is shared by every worker: objects live under
+//! The memory tier is a quick_cache cache bounded by bytes; it admits by S3-FIFO, so one-hit
+//! wonders do not push out popular objects. The Redis tier is shared by every worker: objects live under
 //! `{prefix}:o:{key}` with an expiry, a sorted set `{prefix}:keys` (all scores 0, so `ZRANGEBYLEX`
 //! finds a prefix) indexes keys for purge by prefix, with `{prefix}:expiry` (scored by expiry)
 //! to sweep it, and a set `{prefix}:tag:{tag}` per tag. The
@@ -17,7 +17,6 @@ use std::time::Duration;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
-use moka::Expiry;
 use redis::AsyncCommands;
 use redis::aio::ConnectionManager;
 
@@ -251,25 +250,6 @@ pub fn unix_now() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |elapsed| elapsed.as_secs())
 }
 
-/// Expires each memory entry when its keep time is over.
-struct KeepUntil;
-
-impl Expiry<Arc<str>, Slot> for KeepUntil {
-    fn expire_after_create(&self, _key: &Arc<str>, slot: &Slot, _created_at: std::time::Instant) -> Option<Duration> {
-        Some(Duration::from_secs(slot.keep_until().saturating_sub(unix_now()).max(1)))
-    }
-
-    fn expire_after_update(
-        &self,
-        key: &Arc<str>,
-        slot: &Slot,
-        updated_at: std::time::Instant,
-        _duration_until_expiry: Option<Duration>,
-    ) -> Option<Duration> {
-        self.expire_after_create(key, slot, updated_at)
-    }
-}
-
 /// Evictions of the memory tier since the last report, by reason: objects and bytes.
 #[derive(Debug, Default)]
 pub struct EvictionTally {
@@ -292,10 +272,60 @@ impl EvictionTally {
     }
 }
 
+/// What the memory tier holds per key: the slot and its weight, computed once (the cache reads
+/// weights while it evicts).
+#[derive(Clone)]
+struct Held {
+    slot: Slot,
+    weight: u32,
+}
+
+/// Weighs an entry by its bytes: the slot's plus its key's.
+#[derive(Clone)]
+struct ByBytes;
+
+impl quick_cache::Weighter<Arc<str>, Held> for ByBytes {
+    fn weight(&self, key: &Arc<str>, held: &Held) -> u64 {
+        u64::from(held.weight) + key.len() as u64
+    }
+}
+
+/// Counts what the memory tier evicts to stay within its bytes. Also called for an object
+/// larger than a shard, which is never admitted.
+#[derive(Clone)]
+struct CountEvictions(Arc<EvictionTally>);
+
+impl quick_cache::Lifecycle<Arc<str>, Held> for CountEvictions {
+    type RequestState = ();
+
+    fn on_evict(&self, _state: &mut (), key: Arc<str>, held: Held) {
+        self.0.record(&self.0.size, u64::from(held.weight) + key.len() as u64);
+        metrics::counter!("stone_cache_evictions_total", "tier" => "memory", "reason" => "size").increment(1);
+    }
+}
+
+type MemoryCache = quick_cache::sync::Cache<Arc<str>, Held, ByBytes, quick_cache::DefaultHashBuilder, CountEvictions>;
+
+/// Bytes each shard of the memory tier holds at least (a tier smaller than this has one shard).
+/// An object larger than its shard is not admitted; it is still served from Redis.
+const MIN_SHARD_BYTES: u64 = 32 * 1024 * 1024;
+/// An entry's size, for the tier's estimate of how many entries it holds.
+const TYPICAL_ENTRY_BYTES: u64 = 8 * 1024;
+
 /// The in-process tier; with a bound of 0 bytes there is none and every lookup goes to Redis.
+///
+/// A quick_cache cache bounded by bytes. It admits by S3-FIFO: a new key enters a small probation
+/// queue and reaches the main one only when asked for again, and keys evicted recently are
+/// remembered (ghosts), so one-hit wonders do not push out popular objects. A lookup is a shard
+/// read lock and a hash probe: at ~1.5k instructions per hit, moka's bookkeeping (a read log
+/// drained by housekeeping, epoch-based reclamation) was the largest single item of an
+/// in-process hit. Expiry is checked on lookup: an entry past its keep time is removed and
+/// counted as expired when it is next asked for; until then it only holds bytes the bound
+/// already accounts for.
 #[derive(Clone)]
 pub struct MemoryTier {
-    cache: Option<moka::future::Cache<Arc<str>, Slot>>,
+    cache: Option<Arc<MemoryCache>>,
+    evictions: Arc<EvictionTally>,
 }
 
 impl MemoryTier {
@@ -303,65 +333,74 @@ impl MemoryTier {
     /// (purges and replacements are not evictions).
     pub fn new(max_bytes: u64, evictions: Arc<EvictionTally>) -> Self {
         if max_bytes == 0 {
-            // moka admits entries and evicts them later, in batches: a 0-byte moka still answers.
-            return Self { cache: None };
+            return Self { cache: None, evictions };
         }
-        let cache = moka::future::Cache::builder()
-            .max_capacity(max_bytes)
-            .weigher(|key: &Arc<str>, slot: &Slot| {
-                slot.weight().saturating_add(u32::try_from(key.len()).unwrap_or(u32::MAX))
-            })
-            .expire_after(KeepUntil)
-            .support_invalidation_closures()
-            .eviction_listener(move |key, slot, cause| {
-                let bytes = u64::from(slot.weight()) + key.len() as u64;
-                let reason = match cause {
-                    moka::notification::RemovalCause::Size => {
-                        evictions.record(&evictions.size, bytes);
-                        "size"
-                    }
-                    moka::notification::RemovalCause::Expired => {
-                        evictions.record(&evictions.expired, bytes);
-                        "expired"
-                    }
-                    moka::notification::RemovalCause::Explicit => "purged",
-                    moka::notification::RemovalCause::Replaced => return,
-                };
-                metrics::counter!("stone_cache_evictions_total", "tier" => "memory", "reason" => reason).increment(1);
-            })
+        let parallelism = std::thread::available_parallelism().map_or(1, usize::from);
+        let shards = usize::try_from(max_bytes / MIN_SHARD_BYTES).unwrap_or(usize::MAX).clamp(1, parallelism * 4);
+        let options = quick_cache::OptionsBuilder::new()
+            .shards(shards)
+            .weight_capacity(max_bytes)
+            .estimated_items_capacity(usize::try_from(max_bytes / TYPICAL_ENTRY_BYTES).unwrap_or(usize::MAX).max(1))
             .build();
-        Self { cache: Some(cache) }
+        let cache = match options {
+            Ok(options) => MemoryCache::with_options(
+                options,
+                ByBytes,
+                quick_cache::DefaultHashBuilder::default(),
+                CountEvictions(Arc::clone(&evictions)),
+            ),
+            Err(error) => {
+                tracing::warn!(%error, "memory cache tier could not be built; lookups go to Redis");
+                return Self { cache: None, evictions };
+            }
+        };
+        Self { cache: Some(Arc::new(cache)), evictions }
     }
 
-    pub async fn get(&self, key: &str) -> Option<Slot> {
-        self.cache.as_ref()?.get(key).await
-    }
-
-    pub async fn insert(&self, key: &str, slot: Slot) {
-        if let Some(cache) = &self.cache {
-            cache.insert(Arc::from(key), slot).await;
+    pub fn get(&self, key: &str) -> Option<Slot> {
+        let cache = self.cache.as_ref()?;
+        let held = cache.get(key)?;
+        if held.slot.keep_until() > unix_now() {
+            return Some(held.slot);
         }
+        // Past its keep time. Removed only if it is still the entry just read: a fresh one may
+        // have replaced it meanwhile.
+        let removed = cache.remove_if(key, |current| current.slot == held.slot);
+        if let Some((key, held)) = removed {
+            self.evictions.record(&self.evictions.expired, u64::from(held.weight) + key.len() as u64);
+            metrics::counter!("stone_cache_evictions_total", "tier" => "memory", "reason" => "expired").increment(1);
+        }
+        None
     }
 
-    pub async fn remove(&self, key: &str) {
+    pub fn insert(&self, key: &str, slot: Slot) {
         if let Some(cache) = &self.cache {
-            cache.invalidate(key).await;
+            let weight = slot.weight();
+            cache.insert(Arc::from(key), Held { slot, weight });
         }
     }
 
     /// Drops every entry whose key matches; later lookups never see them.
     pub fn remove_where(&self, predicate: impl Fn(&str, &Slot) -> bool + Send + Sync + 'static) {
         let Some(cache) = &self.cache else { return };
-        if let Err(error) = cache.invalidate_entries_if(move |key, slot| predicate(key, slot)) {
-            tracing::warn!(%error, "memory cache purge failed");
+        let purged = AtomicU64::new(0);
+        cache.retain(|key, held| {
+            let matches = predicate(key, &held.slot);
+            if matches {
+                purged.fetch_add(1, Ordering::Relaxed);
+            }
+            !matches
+        });
+        let purged = purged.into_inner();
+        if purged > 0 {
+            metrics::counter!("stone_cache_evictions_total", "tier" => "memory", "reason" => "purged")
+                .increment(purged);
         }
     }
 
-    /// Bytes held (approximate: moka applies writes in batches).
-    pub async fn weighted_size(&self) -> u64 {
-        let Some(cache) = &self.cache else { return 0 };
-        cache.run_pending_tasks().await;
-        cache.weighted_size()
+    /// Bytes held.
+    pub fn weighted_size(&self) -> u64 {
+        self.cache.as_ref().map_or(0, |cache| cache.weight())
     }
 }
 
