@@ -25,70 +25,80 @@ async fn the_proxy_serves_hits_from_its_cache_and_records_the_cache_status() -> 
     config.proxy.routes = vec![route];
     config.proxy.upstreams = vec![proxy_support::upstream_spec("origin", &[(upstream.addr, 1)])];
     let shutdown = Shutdown::new();
-    let proxy = stone_proxy::build(&config, &shutdown).await?;
+    // Caught, so that a failed assertion still stops the proxy and removes the test's streams.
+    let outcome = stone_kit::testing::caught(async {
+        let proxy = stone_proxy::build(&config, &shutdown).await?;
 
-    let first = cache_support::get(proxy.listen_addr, "/item").await;
-    assert_eq!(first.text(), "v1");
-    assert!(first.cache_status().contains("fwd=miss; stored"), "{}", first.cache_status());
-    cache_support::settle().await;
-    let second = cache_support::get(proxy.listen_addr, "/item").await;
-    assert_eq!(second.text(), "v1");
-    assert!(second.cache_status().contains("hit"), "{}", second.cache_status());
-    assert!(second.header("x-request-id").is_some() && second.header("age").is_some());
-    assert_eq!(upstream.hits(), 1);
+        let first = cache_support::get(proxy.listen_addr, "/item").await;
+        assert_eq!(first.text(), "v1");
+        assert!(first.cache_status().contains("fwd=miss; stored"), "{}", first.cache_status());
+        cache_support::settle().await;
+        let second = cache_support::get(proxy.listen_addr, "/item").await;
+        assert_eq!(second.text(), "v1");
+        assert!(second.cache_status().contains("hit"), "{}", second.cache_status());
+        assert!(second.header("x-request-id").is_some() && second.header("age").is_some());
+        assert_eq!(upstream.hits(), 1);
 
-    // An unsafe method through the proxy invalidates the stored response.
-    assert_eq!(cache_support::send(proxy.listen_addr, "POST", "/item", &[]).await.status, 204);
-    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    assert_eq!(cache_support::get(proxy.listen_addr, "/item").await.text(), "v3");
+        // An unsafe method through the proxy invalidates the stored response.
+        assert_eq!(cache_support::send(proxy.listen_addr, "POST", "/item", &[]).await.status, 204);
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        assert_eq!(cache_support::get(proxy.listen_addr, "/item").await.text(), "v3");
 
-    let js = proxy_support::jetstream(&config).await?;
-    let statuses = || async {
-        let events = proxy_support::read_events(&js, &config, "request.completed.>").await.unwrap_or_default();
-        events
-            .into_iter()
-            .filter_map(|event| match event {
-                stone_events::Event::RequestCompleted(envelope) => Some((envelope.data.method, envelope.data.cache)),
-                _ => None,
+        let js = proxy_support::jetstream(&config).await?;
+        let statuses = || async {
+            let events = proxy_support::read_events(&js, &config, "request.completed.>").await.unwrap_or_default();
+            events
+                .into_iter()
+                .filter_map(|event| match event {
+                    stone_events::Event::RequestCompleted(envelope) => {
+                        Some((envelope.data.method, envelope.data.cache))
+                    }
+                    _ => None,
+                })
+                .collect::<Vec<_>>()
+        };
+        assert!(proxy_support::eventually(50, || async { statuses().await.len() == 4 }).await);
+        let mut recorded = statuses().await;
+        recorded.sort_by_key(|(method, cache)| (method.clone(), cache.as_str()));
+        assert_eq!(
+            recorded,
+            vec![
+                ("GET".to_owned(), CacheStatus::Hit),
+                ("GET".to_owned(), CacheStatus::Miss),
+                ("GET".to_owned(), CacheStatus::Miss),
+                ("POST".to_owned(), CacheStatus::None),
+            ]
+        );
+        // The descriptive fields, hits included, are the request as received.
+        let events = proxy_support::read_events(&js, &config, "request.completed.>").await?;
+        for event in events {
+            let stone_events::Event::RequestCompleted(envelope) = event else { continue };
+            let data = envelope.data;
+            assert_eq!(data.host, proxy.listen_addr.to_string());
+            assert_eq!(
+                (data.route.as_str(), data.path_template.as_str(), data.path.as_str()),
+                ("cached", "/*", "/item")
+            );
+            assert_eq!(data.upstream.as_deref(), Some("origin"));
+            assert_eq!(data.client_ip.as_deref(), Some("127.0.0.1"));
+            assert_eq!(data.protocol, "HTTP/1.1");
+        }
+        // Cache events are published as the publisher drains its queue, independently of the
+        // request events read above (a `cache.stored` only once the tee has stored the body), so
+        // they are waited for rather than counted once.
+        for (filter, least) in [("cache.stored.>", 2), ("cache.miss.>", 2)] {
+            let arrived = proxy_support::eventually(100, || async {
+                proxy_support::count_events(&js, &config, filter).await.unwrap_or(0) >= least
             })
-            .collect::<Vec<_>>()
-    };
-    assert!(proxy_support::eventually(50, || async { statuses().await.len() == 4 }).await);
-    let mut recorded = statuses().await;
-    recorded.sort_by_key(|(method, cache)| (method.clone(), cache.as_str()));
-    assert_eq!(
-        recorded,
-        vec![
-            ("GET".to_owned(), CacheStatus::Hit),
-            ("GET".to_owned(), CacheStatus::Miss),
-            ("GET".to_owned(), CacheStatus::Miss),
-            ("POST".to_owned(), CacheStatus::None),
-        ]
-    );
-    // The descriptive fields, hits included, are the request as received.
-    let events = proxy_support::read_events(&js, &config, "request.completed.>").await?;
-    for event in events {
-        let stone_events::Event::RequestCompleted(envelope) = event else { continue };
-        let data = envelope.data;
-        assert_eq!(data.host, proxy.listen_addr.to_string());
-        assert_eq!((data.route.as_str(), data.path_template.as_str(), data.path.as_str()), ("cached", "/*", "/item"));
-        assert_eq!(data.upstream.as_deref(), Some("origin"));
-        assert_eq!(data.client_ip.as_deref(), Some("127.0.0.1"));
-        assert_eq!(data.protocol, "HTTP/1.1");
-    }
-    // Cache events are published as the publisher drains its queue, independently of the
-    // request events read above (a `cache.stored` only once the tee has stored the body), so
-    // they are waited for rather than counted once.
-    for (filter, least) in [("cache.stored.>", 2), ("cache.miss.>", 2)] {
-        let arrived = proxy_support::eventually(100, || async {
-            proxy_support::count_events(&js, &config, filter).await.unwrap_or(0) >= least
-        })
-        .await;
-        assert!(arrived, "fewer than {least} {filter} events");
-    }
+            .await;
+            assert!(arrived, "fewer than {least} {filter} events");
+        }
+        Ok(())
+    })
+    .await;
     shutdown.trigger();
     proxy_support::cleanup(&config).await;
-    Ok(())
+    stone_kit::testing::rethrow(outcome)
 }
 
 /// `[proxy.cache]` reaches the worker: a memory tier of a few KiB (Redis off) evicts by size,
@@ -107,52 +117,57 @@ async fn a_small_memory_tier_evicts_and_reports_evictions_summed() -> cache_supp
     config.proxy.routes = vec![route];
     config.proxy.upstreams = vec![proxy_support::upstream_spec("origin", &[(upstream.addr, 1)])];
     let shutdown = Shutdown::new();
-    let proxy = stone_proxy::build(&config, &shutdown).await?;
-    let js = proxy_support::jetstream(&config).await?;
+    // Caught, so that a failed assertion still stops the proxy and removes the test's streams.
+    let outcome = stone_kit::testing::caught(async {
+        let proxy = stone_proxy::build(&config, &shutdown).await?;
+        let js = proxy_support::jetstream(&config).await?;
 
-    let evicted = || async {
-        let events = proxy_support::read_events(&js, &config, "cache.evicted.>").await.unwrap_or_default();
-        events
-            .into_iter()
-            .filter_map(|event| match event {
-                stone_events::Event::Cache(envelope) => Some(envelope.data),
-                _ => None,
-            })
-            .collect::<Vec<_>>()
-    };
-    // 40 objects of 2 KiB through an 8 KiB tier; evictions are reported once per interval, so
-    // keep using the tier until a report arrives and objects were asked for again.
-    let mut reports = Vec::new();
-    for round in 0..20 {
-        for object in 0..40 {
-            let reply = cache_support::get(proxy.listen_addr, &format!("/o{object}")).await;
-            assert_eq!(reply.body.len(), 2048);
+        let evicted = || async {
+            let events = proxy_support::read_events(&js, &config, "cache.evicted.>").await.unwrap_or_default();
+            events
+                .into_iter()
+                .filter_map(|event| match event {
+                    stone_events::Event::Cache(envelope) => Some(envelope.data),
+                    _ => None,
+                })
+                .collect::<Vec<_>>()
+        };
+        // 40 objects of 2 KiB through an 8 KiB tier; evictions are reported once per interval, so
+        // keep using the tier until a report arrives and objects were asked for again.
+        let mut reports = Vec::new();
+        for round in 0..20 {
+            for object in 0..40 {
+                let reply = cache_support::get(proxy.listen_addr, &format!("/o{object}")).await;
+                assert_eq!(reply.body.len(), 2048);
+            }
+            reports = evicted().await;
+            // A second round at least: only then must evicted objects be fetched again (a slow
+            // first round can outlast the report interval on its own).
+            if !reports.is_empty() && round > 0 {
+                break;
+            }
+            assert!(round < 19, "no cache.evicted event after {} rounds", round + 1);
+            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
         }
-        reports = evicted().await;
-        // A second round at least: only then must evicted objects be fetched again (a slow
-        // first round can outlast the report interval on its own).
-        if !reports.is_empty() && round > 0 {
-            break;
+        let by_size: Vec<_> = reports.iter().filter(|event| event.reason.as_deref() == Some("size")).collect();
+        assert!(!by_size.is_empty(), "{reports:?}");
+        for event in by_size {
+            assert_eq!(event.tier, Some(stone_events::cache::CacheTier::Memory));
+            // One event stands for many evictions, with their bytes.
+            let count = event.count.unwrap_or(0);
+            assert!(count >= 1, "{event:?}");
+            assert!(event.bytes >= count * 2048, "{event:?}");
         }
-        assert!(round < 19, "no cache.evicted event after {} rounds", round + 1);
-        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-    }
-    let by_size: Vec<_> = reports.iter().filter(|event| event.reason.as_deref() == Some("size")).collect();
-    assert!(!by_size.is_empty(), "{reports:?}");
-    for event in by_size {
-        assert_eq!(event.tier, Some(stone_events::cache::CacheTier::Memory));
-        // One event stands for many evictions, with their bytes.
-        let count = event.count.unwrap_or(0);
-        assert!(count >= 1, "{event:?}");
-        assert!(event.bytes >= count * 2048, "{event:?}");
-    }
-    // Far fewer reports than evicted objects: at most one per reason and interval.
-    let total: u64 = reports.iter().map(|event| event.count.unwrap_or(1)).sum();
-    assert!(total > reports.len() as u64, "{reports:?}");
-    assert!(upstream.hits() > 40, "an 8 KiB tier cannot hold 40 objects of 2 KiB");
+        // Far fewer reports than evicted objects: at most one per reason and interval.
+        let total: u64 = reports.iter().map(|event| event.count.unwrap_or(1)).sum();
+        assert!(total > reports.len() as u64, "{reports:?}");
+        assert!(upstream.hits() > 40, "an 8 KiB tier cannot hold 40 objects of 2 KiB");
+        Ok(())
+    })
+    .await;
     shutdown.trigger();
     proxy_support::cleanup(&config).await;
-    Ok(())
+    stone_kit::testing::rethrow(outcome)
 }
 
 /// A HEAD miss through the proxy asks the upstream with GET and stores the object.
@@ -166,25 +181,30 @@ async fn a_head_miss_through_the_proxy_stores_the_get() -> cache_support::TestRe
     config.proxy.routes = vec![route];
     config.proxy.upstreams = vec![proxy_support::upstream_spec("origin", &[(upstream.addr, 1)])];
     let shutdown = Shutdown::new();
-    let proxy = stone_proxy::build(&config, &shutdown).await?;
-    let head = cache_support::send(proxy.listen_addr, "HEAD", "/thing", &[]).await;
-    assert_eq!((head.status, head.body.len()), (200, 0));
-    assert_eq!(head.header("content-length"), Some("3"));
-    let mut got = cache_support::get(proxy.listen_addr, "/thing").await;
-    for _ in 0..50 {
-        if got.cache_status().contains("; hit") {
-            break;
+    // Caught, so that a failed assertion still stops the proxy and removes the test's streams.
+    let outcome = stone_kit::testing::caught(async {
+        let proxy = stone_proxy::build(&config, &shutdown).await?;
+        let head = cache_support::send(proxy.listen_addr, "HEAD", "/thing", &[]).await;
+        assert_eq!((head.status, head.body.len()), (200, 0));
+        assert_eq!(head.header("content-length"), Some("3"));
+        let mut got = cache_support::get(proxy.listen_addr, "/thing").await;
+        for _ in 0..50 {
+            if got.cache_status().contains("; hit") {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            got = cache_support::get(proxy.listen_addr, "/thing").await;
         }
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        got = cache_support::get(proxy.listen_addr, "/thing").await;
-    }
-    assert!(got.cache_status().contains("; hit"), "{}", got.cache_status());
-    assert_eq!(got.text(), "GET");
-    // The GETs after the HEAD waited for its fetch (coalesced) rather than asking again.
-    assert_eq!(upstream.hits(), 1);
+        assert!(got.cache_status().contains("; hit"), "{}", got.cache_status());
+        assert_eq!(got.text(), "GET");
+        // The GETs after the HEAD waited for its fetch (coalesced) rather than asking again.
+        assert_eq!(upstream.hits(), 1);
+        Ok(())
+    })
+    .await;
     shutdown.trigger();
     proxy_support::cleanup(&config).await;
-    Ok(())
+    stone_kit::testing::rethrow(outcome)
 }
 
 /// Hits are looked up before the request is prepared for the upstream, so a key part or `Vary`
@@ -213,28 +233,33 @@ async fn keys_and_vary_on_forwarding_headers_see_what_the_upstream_saw() -> cach
     config.proxy.routes = vec![varying, keyed];
     config.proxy.upstreams = vec![proxy_support::upstream_spec("origin", &[(upstream.addr, 1)])];
     let shutdown = Shutdown::new();
-    let proxy = stone_proxy::build(&config, &shutdown).await?;
-    let send = |path: &'static str, headers: &'static [(&'static str, &'static str)]| {
-        cache_support::send(proxy.listen_addr, "GET", path, headers)
-    };
+    // Caught, so that a failed assertion still stops the proxy and removes the test's streams.
+    let outcome = stone_kit::testing::caught(async {
+        let proxy = stone_proxy::build(&config, &shutdown).await?;
+        let send = |path: &'static str, headers: &'static [(&'static str, &'static str)]| {
+            cache_support::send(proxy.listen_addr, "GET", path, headers)
+        };
 
-    assert_eq!(send("/by-client", &[]).await.text(), "127.0.0.1 v1");
-    cache_support::settle().await;
-    let repeated = send("/by-client", &[]).await;
-    assert_eq!((repeated.text(), repeated.cache_status().contains("hit")), ("127.0.0.1 v1".to_owned(), true));
-    // Received as "127.0.0.1", forwarded as "127.0.0.1, 127.0.0.1": another variant.
-    let claimed = send("/by-client", &[("x-forwarded-for", "127.0.0.1")]).await;
-    assert_eq!(claimed.text(), "127.0.0.1, 127.0.0.1 v2");
-    assert_eq!(upstream.hits(), 2);
+        assert_eq!(send("/by-client", &[]).await.text(), "127.0.0.1 v1");
+        cache_support::settle().await;
+        let repeated = send("/by-client", &[]).await;
+        assert_eq!((repeated.text(), repeated.cache_status().contains("hit")), ("127.0.0.1 v1".to_owned(), true));
+        // Received as "127.0.0.1", forwarded as "127.0.0.1, 127.0.0.1": another variant.
+        let claimed = send("/by-client", &[("x-forwarded-for", "127.0.0.1")]).await;
+        assert_eq!(claimed.text(), "127.0.0.1, 127.0.0.1 v2");
+        assert_eq!(upstream.hits(), 2);
 
-    assert_eq!(send("/page", &[]).await.text(), "http v3");
-    cache_support::settle().await;
-    // The proxy forwards `http` whatever the client claims: the same key, a hit.
-    let spoofed = send("/page", &[("x-forwarded-proto", "https")]).await;
-    assert_eq!(spoofed.text(), "http v3");
-    assert!(spoofed.cache_status().contains("hit"), "{}", spoofed.cache_status());
-    assert_eq!(upstream.hits(), 3);
+        assert_eq!(send("/page", &[]).await.text(), "http v3");
+        cache_support::settle().await;
+        // The proxy forwards `http` whatever the client claims: the same key, a hit.
+        let spoofed = send("/page", &[("x-forwarded-proto", "https")]).await;
+        assert_eq!(spoofed.text(), "http v3");
+        assert!(spoofed.cache_status().contains("hit"), "{}", spoofed.cache_status());
+        assert_eq!(upstream.hits(), 3);
+        Ok(())
+    })
+    .await;
     shutdown.trigger();
     proxy_support::cleanup(&config).await;
-    Ok(())
+    stone_kit::testing::rethrow(outcome)
 }

@@ -18,6 +18,7 @@ use stone_events::Event;
 use stone_events::config::{
     ApiKeyHash, AuthSpec, ConsumerSpec, EntitySpec, JwtSpec, PolicySpec, RateLimitSpec, RouteSpec,
 };
+use stone_kit::testing::{caught, rethrow};
 use stone_kit::{Shutdown, StoneConfig};
 
 /// Publishes `entities` (the upstream `app` first), builds a proxy and waits until it is ready.
@@ -68,7 +69,7 @@ async fn call(
 async fn api_keys_in_header_or_query_with_401_versus_403() -> TestResult {
     let shutdown = Shutdown::new();
     let config = isolated_config();
-    let outcome = async {
+    let outcome = caught(async {
         let upstream = TestUpstream::start("app", &shutdown).await?;
         let consumer = |name: &str, key: &str| {
             EntitySpec::Consumer(ConsumerSpec {
@@ -146,11 +147,11 @@ async fn api_keys_in_header_or_query_with_401_versus_403() -> TestResult {
             ]
         );
         Ok(())
-    }
+    })
     .await;
     let _ = shutdown.drain(Duration::from_secs(10)).await;
     cleanup(&config).await;
-    outcome
+    rethrow(outcome)
 }
 
 /// An RSA and an EC key pair from the openssl command, as (private PEM, public PEM).
@@ -193,7 +194,7 @@ async fn jwt_hs256_rs256_es256_with_claims_checked() -> TestResult {
     let config = isolated_config();
     let (rsa_private, rsa_public) = key_pair("rsa");
     let (ec_private, ec_public) = key_pair("ec");
-    let outcome = async {
+    let outcome = caught(async {
         let upstream = TestUpstream::start("app", &shutdown).await?;
         let jwt = |algorithms: &[&str], secret: Option<&str>, pem: Option<&str>| JwtSpec {
             algorithms: algorithms.iter().map(|a| (*a).to_owned()).collect(),
@@ -255,18 +256,18 @@ async fn jwt_hs256_rs256_es256_with_claims_checked() -> TestResult {
         let dave = bearer(sign(Algorithm::ES256, &es, claims("dave")));
         assert_eq!(call(&client, &url("/es/a"), &[("authorization", &dave)]).await?.0, 403, "valid token, consumer not allowed");
         Ok(())
-    }
+    })
     .await;
     let _ = shutdown.drain(Duration::from_secs(10)).await;
     cleanup(&config).await;
-    outcome
+    rethrow(outcome)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_rate_limit_is_shared_by_two_workers_through_redis() -> TestResult {
     let shutdown = Shutdown::new();
     let config = isolated_config();
-    let outcome = async {
+    let outcome = caught(async {
         let upstream = TestUpstream::start("app", &shutdown).await?;
         let limited = RouteSpec {
             rate_limit: Some(RateLimitSpec { requests: 10, window_secs: 3600, by: Some("route".into()) }),
@@ -306,11 +307,11 @@ async fn one_rate_limit_is_shared_by_two_workers_through_redis() -> TestResult {
             "the first 10 across both workers pass: {statuses:?}"
         );
         Ok(())
-    }
+    })
     .await;
     let _ = shutdown.drain(Duration::from_secs(10)).await;
     cleanup(&config).await;
-    outcome
+    rethrow(outcome)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -322,7 +323,7 @@ async fn without_redis_limits_fail_open_by_default_or_closed_when_configured() -
         let mut config = isolated_config();
         config.redis_url = "redis://127.0.0.1:9".into();
         config.proxy.rate_limit_failure = mode;
-        let outcome = async {
+        let outcome = caught(async {
             let upstream = TestUpstream::start("app", &shutdown).await?;
             let limited = RouteSpec {
                 rate_limit: Some(RateLimitSpec { requests: 1, window_secs: 3600, by: Some("ip".into()) }),
@@ -364,11 +365,11 @@ async fn without_redis_limits_fail_open_by_default_or_closed_when_configured() -
                 assert_eq!(decision.limited, expected == 503, "{mode:?}: {decision:?}");
             }
             Ok::<(), BoxError>(())
-        }
+        })
         .await;
         let _ = shutdown.drain(Duration::from_secs(10)).await;
         cleanup(&config).await;
-        outcome?;
+        rethrow(outcome)?;
     }
     Ok(())
 }

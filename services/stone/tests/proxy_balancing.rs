@@ -17,6 +17,7 @@ use proxy_support::*;
 use stone_events::Event;
 use stone_events::config::{HashOn, HealthCheckSpec, LbAlgorithm, PassiveHealthSpec, UpstreamSpec};
 use stone_events::health::{HealthCheckKind, TargetState};
+use stone_kit::testing::{caught, rethrow};
 use stone_kit::{Shutdown, StoneConfig};
 
 /// Builds a standalone proxy with one route `/*` to `upstream`, runs `body`, cleans up.
@@ -29,13 +30,15 @@ where
     let mut config = isolated_config();
     config.proxy.routes = vec![route_spec("all", &[], &upstream.name)];
     config.proxy.upstreams = vec![upstream];
-    let outcome = match stone_proxy::build(&config, &shutdown).await {
-        Ok(proxy) => body(config.clone(), proxy).await,
-        Err(error) => Err(error.into()),
-    };
+    // Caught, so that a failed assertion still drains the proxy and removes the test's streams.
+    let outcome = caught(async {
+        let proxy = stone_proxy::build(&config, &shutdown).await?;
+        body(config.clone(), proxy).await
+    })
+    .await;
     let _ = shutdown.drain(Duration::from_secs(10)).await;
     cleanup(&config).await;
-    outcome
+    rethrow(outcome)
 }
 
 /// A local address nothing listens on.

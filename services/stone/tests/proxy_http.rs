@@ -16,6 +16,7 @@ use hyper::{Request, Response, StatusCode};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use proxy_support::*;
+use stone_kit::testing::{caught, rethrow};
 use stone_kit::{Shutdown, StoneConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -94,13 +95,15 @@ where
     app.timeout_ms = Some(300);
     app.max_body_bytes = Some(1000);
     config.proxy.routes = vec![app, route_spec("gone", &["/gone/*"], "gone")];
-    let outcome = match stone_proxy::build(&config, &shutdown).await {
-        Ok(proxy) => body(config.clone(), proxy).await,
-        Err(error) => Err(error.into()),
-    };
+    // Caught, so that a failed assertion still drains the proxy and removes the test's streams.
+    let outcome = caught(async {
+        let proxy = stone_proxy::build(&config, &shutdown).await?;
+        body(config.clone(), proxy).await
+    })
+    .await;
     let _ = shutdown.drain(Duration::from_secs(10)).await;
     cleanup(&config).await;
-    outcome
+    rethrow(outcome)
 }
 
 /// Sends raw bytes and returns what came back until the server closed or went quiet.

@@ -20,6 +20,7 @@ use hyper_util::rt::TokioIo;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use proxy_support::*;
 use stone_events::config::{AuthSpec, JwtSpec, RouteSpec};
+use stone_kit::testing::{caught, rethrow};
 use stone_kit::{Shutdown, StoneConfig};
 
 /// An ES256 signing key and its public half as a JWK with `kid`.
@@ -188,7 +189,7 @@ async fn a_jwks_url_is_fetched_refreshed_after_rotation_and_kept_when_it_fails()
     let shutdown = Shutdown::new();
     let mut config = isolated_config();
     let (old, new) = (SigningKey::generate("old"), SigningKey::generate("new"));
-    let outcome = async {
+    let outcome = caught(async {
         let server = JwksServer::start(jwks(&[&old]), &shutdown).await?;
         let url = format!("http://{}/.well-known/jwks.json", server.address);
         let proxy = start_proxy(&mut config, &shutdown, es256(None, Some(url))).await?;
@@ -212,11 +213,11 @@ async fn a_jwks_url_is_fetched_refreshed_after_rotation_and_kept_when_it_fails()
         );
         assert_eq!(status_with(&client, &proxy, &new.bearer()).await, 200, "a failed refresh keeps the keys");
         Ok(())
-    }
+    })
     .await;
     let _ = shutdown.drain(Duration::from_secs(10)).await;
     cleanup(&config).await;
-    outcome
+    rethrow(outcome)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -228,7 +229,7 @@ async fn a_jwks_file_is_read_at_start_and_again_after_rotation() -> TestResult {
     let file = dir.join("jwks.json");
     let (old, new) = (SigningKey::generate("old"), SigningKey::generate("new"));
     std::fs::write(&file, jwks(&[&old]))?;
-    let outcome = async {
+    let outcome = caught(async {
         let proxy = start_proxy(&mut config, &shutdown, es256(Some(file.display().to_string()), None)).await?;
         let client = client();
         // Read while the table is built: in force before the first request.
@@ -242,10 +243,10 @@ async fn a_jwks_file_is_read_at_start_and_again_after_rotation() -> TestResult {
         assert!(until_status(&client, &proxy, &new, 200).await, "the new key after a refresh");
         assert_eq!(status_with(&client, &proxy, &old.bearer()).await, 401, "the dropped key is refused");
         Ok(())
-    }
+    })
     .await;
     let _ = shutdown.drain(Duration::from_secs(10)).await;
     cleanup(&config).await;
     let _ = std::fs::remove_dir_all(&dir);
-    outcome
+    rethrow(outcome)
 }

@@ -12,15 +12,16 @@ use futures::StreamExt;
 use proxy_support::*;
 use stone_events::config::EntitySpec;
 use stone_kit::Shutdown;
+use stone_kit::testing::{caught, rethrow};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_config_change_published_to_the_stream_reroutes_traffic_live() -> TestResult {
     let shutdown = Shutdown::new();
     let config = isolated_config();
-    let outcome = run(&config, &shutdown).await;
+    let outcome = caught(run(&config, &shutdown)).await;
     let _ = shutdown.drain(Duration::from_secs(10)).await;
     cleanup(&config).await;
-    outcome
+    rethrow(outcome)
 }
 
 async fn run(config: &stone_kit::StoneConfig, shutdown: &Shutdown) -> TestResult {
@@ -115,7 +116,7 @@ async fn run(config: &stone_kit::StoneConfig, shutdown: &Shutdown) -> TestResult
 async fn an_empty_config_stream_is_ready_at_once_and_answers_404() -> TestResult {
     let shutdown = Shutdown::new();
     let config = isolated_config();
-    let outcome = async {
+    let outcome = caught(async {
         let proxy = stone_proxy::build(&config, &shutdown).await?;
         let client = client();
         let readyz = format!("http://{}/readyz", proxy.admin_addr);
@@ -124,9 +125,9 @@ async fn an_empty_config_stream_is_ready_at_once_and_answers_404() -> TestResult
         );
         assert_eq!(get(&client, &format!("http://{}/anything", proxy.listen_addr)).await?.0, 404);
         Ok(())
-    }
+    })
     .await;
     let _ = shutdown.drain(Duration::from_secs(10)).await;
     cleanup(&config).await;
-    outcome
+    rethrow(outcome)
 }

@@ -14,6 +14,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use proxy_support::*;
+use stone_kit::testing::{caught, rethrow};
 use stone_kit::{Shutdown, StoneConfig};
 
 /// A private nats-server with JetStream; its store survives restarts.
@@ -110,7 +111,7 @@ async fn events_survive_a_nats_outage_through_the_disk_spool() -> TestResult {
     let shutdown = Shutdown::new();
     let upstream = TestUpstream::start("backend", &shutdown).await?;
     let config = config_for(&nats, &upstream);
-    let outcome = async {
+    let outcome = caught(async {
         let proxy = stone_proxy::build(&config, &shutdown).await?;
         let client = client();
         send(&client, &proxy, 50).await?;
@@ -126,11 +127,11 @@ async fn events_survive_a_nats_outage_through_the_disk_spool() -> TestResult {
             eventually(100, || async { std::fs::metadata(&spool).map(|meta| meta.len() == 0).unwrap_or(false) }).await;
         assert!(drained, "the spool is emptied once published");
         Ok(())
-    }
+    })
     .await;
     let _ = shutdown.drain(Duration::from_secs(10)).await;
     let _ = std::fs::remove_dir_all(&config.proxy.spool_dir);
-    outcome
+    rethrow(outcome)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -139,7 +140,7 @@ async fn a_worker_stopped_during_an_outage_keeps_its_events_for_the_next_start()
     let upstreams = Shutdown::new();
     let upstream = TestUpstream::start("backend", &upstreams).await?;
     let config = config_for(&nats, &upstream);
-    let outcome = async {
+    let outcome = caught(async {
         let first = Shutdown::new();
         let proxy = stone_proxy::build(&config, &first).await?;
         let client = client();
@@ -162,11 +163,11 @@ async fn a_worker_stopped_during_an_outage_keeps_its_events_for_the_next_start()
         };
         let _ = second.drain(Duration::from_secs(10)).await;
         checked
-    }
+    })
     .await;
     let _ = upstreams.drain(Duration::from_secs(5)).await;
     let _ = std::fs::remove_dir_all(&config.proxy.spool_dir);
-    outcome
+    rethrow(outcome)
 }
 
 /// The publisher sends most events without asking for an acknowledgement and confirms them by a
@@ -181,7 +182,7 @@ async fn events_refused_by_a_missing_stream_are_spooled_and_arrive_once_it_is_ba
     let mut config = isolated_config();
     config.proxy.upstreams = vec![upstream_spec("backend", &[(upstream.address, 1)])];
     config.proxy.routes = vec![route_spec("items", &["/items/{id}"], "backend")];
-    let outcome = async {
+    let outcome = caught(async {
         let proxy = stone_proxy::build(&config, &shutdown).await?;
         let client = client();
         send(&client, &proxy, 20).await?;
@@ -201,11 +202,11 @@ async fn events_refused_by_a_missing_stream_are_spooled_and_arrive_once_it_is_ba
         // The stream came back empty: exactly the 30 requests made while it was gone.
         assert_request_events(&config, 30).await?;
         Ok(())
-    }
+    })
     .await;
     let _ = shutdown.drain(Duration::from_secs(10)).await;
     cleanup(&config).await;
-    outcome
+    rethrow(outcome)
 }
 
 /// Sums `dropped` over the `health.events_lost` events in the stream.
@@ -230,7 +231,7 @@ async fn past_the_spool_cap_events_are_dropped_counted_and_reported() -> TestRes
     let mut config = config_for(&nats, &upstream);
     // Room for a few request events only.
     config.proxy.spool_max_bytes = 3_000;
-    let outcome = async {
+    let outcome = caught(async {
         let proxy = stone_proxy::build(&config, &shutdown).await?;
         let client = client();
         send(&client, &proxy, 5).await?;
@@ -261,11 +262,11 @@ async fn past_the_spool_cap_events_are_dropped_counted_and_reported() -> TestRes
         let (_, reasons) = reported_losses(&config).await?;
         assert!(reasons.iter().all(|reason| reason == "spool_full"), "{reasons:?}");
         Ok(())
-    }
+    })
     .await;
     let _ = shutdown.drain(Duration::from_secs(10)).await;
     let _ = std::fs::remove_dir_all(&config.proxy.spool_dir);
-    outcome
+    rethrow(outcome)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -273,7 +274,7 @@ async fn a_second_worker_on_the_same_spool_folder_is_refused_naming_it() -> Test
     let config = isolated_config();
     let first = Shutdown::new();
     let second = Shutdown::new();
-    let outcome = async {
+    let outcome = caught(async {
         let proxy = stone_proxy::build(&config, &first).await?;
         let mut other = config.clone();
         other.proxy.worker_id = format!("{}-other", config.proxy.worker_id);
@@ -292,10 +293,10 @@ async fn a_second_worker_on_the_same_spool_folder_is_refused_naming_it() -> Test
         let _ = third.drain(Duration::from_secs(10)).await;
         restarted?;
         Ok(())
-    }
+    })
     .await;
     let _ = first.drain(Duration::from_secs(10)).await;
     let _ = second.drain(Duration::from_secs(10)).await;
     cleanup(&config).await;
-    outcome
+    rethrow(outcome)
 }

@@ -18,6 +18,7 @@ use hyper::{Request, Response, Version};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use proxy_support::*;
 use stone_events::Event;
+use stone_kit::testing::{caught, rethrow};
 use stone_kit::{Shutdown, StoneConfig};
 use tokio_rustls::TlsConnector;
 use tokio_rustls::rustls::pki_types::{CertificateDer, ServerName};
@@ -132,7 +133,7 @@ async fn tls_serves_h2_and_http11_by_alpn_with_forwarded_proto_https() -> TestRe
     let mut config = isolated_config();
     let certificates = std::env::temp_dir().join(format!("stone-tls-{}", config.namespace));
     let (cert_path, key_path, trusted) = self_signed(&certificates);
-    let outcome = async {
+    let outcome = caught(async {
         let (proxy, tls_addr) = start_tls_proxy(&mut config, &shutdown, &cert_path, &key_path).await?;
         assert_ne!(tls_addr, proxy.listen_addr);
 
@@ -195,12 +196,12 @@ async fn tls_serves_h2_and_http11_by_alpn_with_forwarded_proto_https() -> TestRe
             ]
         );
         Ok(())
-    }
+    })
     .await;
     let _ = shutdown.drain(Duration::from_secs(10)).await;
     cleanup(&config).await;
     let _ = std::fs::remove_dir_all(&certificates);
-    outcome
+    rethrow(outcome)
 }
 
 /// Replaces `target` with `source` in one rename, as a renewal tool would.
@@ -231,7 +232,7 @@ async fn a_renewed_certificate_is_served_without_a_restart_and_a_broken_one_is_n
     let mut config = isolated_config();
     let certificates = std::env::temp_dir().join(format!("stone-tls-{}", config.namespace));
     let (cert_path, key_path, first) = self_signed(&certificates);
-    let outcome = async {
+    let outcome = caught(async {
         let (proxy, tls_addr) = start_tls_proxy(&mut config, &shutdown, &cert_path, &key_path).await?;
         assert!(connect(tls_addr, &first, &[b"h2"]).await.is_ok());
 
@@ -255,12 +256,12 @@ async fn a_renewed_certificate_is_served_without_a_restart_and_a_broken_one_is_n
         assert!(refused, "{}", metrics_text(&proxy).await);
         assert!(connect(tls_addr, &renewed, &[b"h2"]).await.is_ok(), "the certificate in force stays");
         Ok(())
-    }
+    })
     .await;
     let _ = shutdown.drain(Duration::from_secs(10)).await;
     cleanup(&config).await;
     let _ = std::fs::remove_dir_all(&certificates);
-    outcome
+    rethrow(outcome)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -98,10 +98,11 @@ async fn every_proxied_request_is_counted_exactly_once_in_the_analytics_api() ->
     let upstream = start_upstream(&shutdown).await?;
     let config = isolated_config(upstream);
     stone_kit::testing::create_database(&config).await.map_err(|error| error.to_string())?;
-    let outcome = run_skeleton(&config, &shutdown).await;
+    // Caught, so that a failed assertion still removes the test's streams and databases.
+    let outcome = stone_kit::testing::caught(run_skeleton(&config, &shutdown)).await;
     let _ = shutdown.drain(Duration::from_secs(10)).await;
     stone_kit::testing::cleanup(&config).await;
-    outcome
+    stone_kit::testing::rethrow(outcome)
 }
 
 async fn run_skeleton(config: &StoneConfig, shutdown: &Shutdown) -> TestResult {
