@@ -67,10 +67,17 @@ pub struct PipelineBenchArgs {
     /// Keep the bench's streams and database afterwards.
     #[arg(long)]
     keep: bool,
+    /// What the projector and its clients log to stderr while the bench runs (a `tracing`
+    /// filter): warnings by default, so a retried insert or a recreated consumer is seen beside
+    /// the figures it affects.
+    #[arg(long, default_value = "warn")]
+    log: String,
 }
 
 /// Runs the benchmark and prints the report.
 pub async fn run(base: &StoneConfig, args: PipelineBenchArgs) -> anyhow::Result<()> {
+    let telemetry = stone_kit::config::TelemetryConfig { log: args.log.clone(), ..base.telemetry.clone() };
+    let _telemetry = stone_kit::telemetry::init(&telemetry, "stone-bench")?;
     let unique = uuid::Uuid::now_v7().simple().to_string();
     let suffix = &unique[unique.len() - 8..];
     let mut config = base.clone();
