@@ -1,5 +1,6 @@
 //! NATS connection and idempotent JetStream provisioning from the contract's stream definitions.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, stream};
@@ -10,12 +11,48 @@ use crate::dependency::DependencyError;
 
 /// Connects to NATS, failing fast with a message that says how to start it.
 pub async fn connect(config: &StoneConfig, client_name: &str) -> Result<async_nats::Client, DependencyError> {
+    let client: Arc<str> = Arc::from(client_name);
     async_nats::ConnectOptions::new()
         .name(client_name)
         .connection_timeout(Duration::from_secs(5))
+        .event_callback(move |event| {
+            let client = Arc::clone(&client);
+            async move { report_event(&client, &event) }
+        })
         .connect(config.nats_url.as_str())
         .await
         .map_err(|error| DependencyError::new("NATS", &config.nats_url, "STONE_NATS_URL", error))
+}
+
+/// Makes the client's connection events visible: they are otherwise dropped. A slow consumer
+/// matters most: the client drops messages for a subscription whose buffer is full (a core NATS
+/// subscription, e.g. cache invalidations or live streams, loses them for good), so it is
+/// counted in `stone_nats_events_total{client,event}` and logged as a warning like every
+/// disconnect and error.
+fn report_event(client: &Arc<str>, event: &async_nats::Event) {
+    use async_nats::Event;
+    let kind = match event {
+        Event::Connected => "connected",
+        Event::Disconnected => "disconnected",
+        Event::LameDuckMode => "lame_duck_mode",
+        Event::Draining => "draining",
+        Event::Closed => "closed",
+        Event::SlowConsumer(_) => "slow_consumer",
+        Event::ServerError(_) => "server_error",
+        Event::ClientError(_) => "client_error",
+    };
+    metrics::counter!("stone_nats_events_total", "client" => client.to_string(), "event" => kind).increment(1);
+    match event {
+        Event::Connected | Event::Draining | Event::Closed => tracing::info!(client = %client, %event, "NATS"),
+        Event::SlowConsumer(subscription) => tracing::warn!(
+            client = %client,
+            subscription,
+            "NATS subscription is a slow consumer: the client dropped messages for it"
+        ),
+        Event::Disconnected | Event::LameDuckMode | Event::ServerError(_) | Event::ClientError(_) => {
+            tracing::warn!(client = %client, %event, "NATS")
+        }
+    }
 }
 
 /// The server-side configuration of a stream.

@@ -113,3 +113,45 @@ async fn an_unreachable_server_is_a_dependency_error_with_a_hint() {
     assert_eq!(error.service, "NATS");
     assert!(error.to_string().contains("infra/stack.sh up"));
 }
+
+/// A subscription that does not keep up loses messages in the client; that is counted and
+/// visible, never silent. 70k messages through the client's 64k-message subscription buffer,
+/// read only afterwards.
+#[tokio::test]
+async fn a_slow_consumer_is_counted() {
+    let config = config();
+    stone_kit::telemetry::metrics_handle();
+    let client = stone_kit::nats::connect(&config, "kit-slow-consumer").await.unwrap();
+    let subject = format!("{}.slow", config.namespace);
+    let mut subscription = client.subscribe(subject.clone()).await.unwrap();
+    let publisher = stone_kit::nats::connect(&config, "kit-slow-publisher").await.unwrap();
+    for _ in 0..70_000 {
+        publisher.publish(subject.clone(), bytes::Bytes::from_static(b"x")).await.unwrap();
+    }
+    publisher.flush().await.unwrap();
+    // The server routed every message before answering the publisher's ping; the subscriber's
+    // pong comes after all of them on its connection, so its client has read (kept or dropped)
+    // every one of them once this returns.
+    client.flush().await.unwrap();
+    let counted = || {
+        stone_kit::telemetry::metrics_handle().render().lines().any(|line| {
+            line.starts_with("stone_nats_events_total{")
+                && line.contains("client=\"kit-slow-consumer\"")
+                && line.contains("event=\"slow_consumer\"")
+        })
+    };
+    let mut received = 0;
+    while let Ok(Some(_)) =
+        tokio::time::timeout(Duration::from_secs(2), futures::StreamExt::next(&mut subscription)).await
+    {
+        received += 1;
+    }
+    assert!(received < 70_000, "all {received} messages arrived: the buffer never overflowed");
+    for _ in 0..50 {
+        if counted() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("no slow_consumer event counted after {received} of 70000 messages arrived");
+}
