@@ -845,7 +845,6 @@ pub(crate) fn format_ip(ip: std::net::IpAddr) -> String {
     formatted
 }
 
-/// `X-Request-Id` for an event id, formatted without an intermediate `String`.
 /// A version 7 UUID for the request that started at `at`: its millisecond, then 74 random bits
 /// from the thread's generator. `Uuid::now_v7` orders the ids of one millisecond through a
 /// process-wide context behind a lock, which every request of every worker thread would take;
@@ -855,6 +854,7 @@ fn event_id_at(at: OffsetDateTime) -> Uuid {
     uuid::Builder::from_unix_timestamp_millis(millis, &rand::random()).into_uuid()
 }
 
+/// `X-Request-Id` for an event id, formatted without an intermediate `String`.
 fn request_id_header(event_id: Uuid) -> Option<HeaderValue> {
     let mut buffer = Uuid::encode_buffer();
     HeaderValue::from_str(event_id.hyphenated().encode_lower(&mut buffer)).ok()
