@@ -386,13 +386,14 @@ impl Worker<'_> {
 
     /// Counts and logs a failure and backs off; `Some` when the worker must stop.
     async fn failed(&mut self, error: &StepError, delay: &mut Duration, release: &CancellationToken) -> Option<Exit> {
-        if release.is_cancelled() {
+        let lease_lost = matches!(error, StepError::State(StateError::Conflict));
+        if release.is_cancelled() && !lease_lost {
             // Shutting down (or handing the partition over): the stream reader stops with
             // everything else, which is not a failure to count or to warn about.
             return Some(self.release().await);
         }
         metrics::counter!("stone_analytics_errors_total", "kind" => error.kind()).increment(1);
-        if matches!(error, StepError::State(StateError::Conflict)) {
+        if lease_lost {
             tracing::warn!(partition = self.partition, "lease lost to another instance");
             return Some(Exit::LeaseLost);
         }
