@@ -36,6 +36,12 @@ struct Pending {
     entries: Mutex<Vec<Arc<Entry>>>,
 }
 
+impl Pending {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Arc<Entry>>> {
+        self.entries.lock().unwrap_or_else(|poison| poison.into_inner())
+    }
+}
+
 /// A [`hyper::rt::Timer`] with [`RESOLUTION`]-coarse deadlines. Its sweeper runs on the tokio
 /// runtime it was created in and ends when the last clone of the timer is dropped.
 #[derive(Debug, Clone)]
@@ -55,29 +61,26 @@ impl CoarseTimer {
 async fn sweep(pending: Weak<Pending>) {
     let mut ticks = tokio::time::interval(RESOLUTION);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut kept = Vec::new();
+    let mut walking = Vec::new();
     loop {
         ticks.tick().await;
         let Some(pending) = pending.upgrade() else { return };
-        // The list is taken whole and walked outside the lock, so arming never waits for a walk.
-        let mut entries = std::mem::take(&mut *pending.entries.lock().unwrap_or_else(|poison| poison.into_inner()));
+        // Swapped out whole and walked outside the lock, so arming never waits for a walk.
+        std::mem::swap(&mut *pending.lock(), &mut walking);
         let now = Instant::now();
-        for entry in entries.drain(..) {
+        walking.retain(|entry| {
             if entry.dropped.load(Ordering::Acquire) {
-                continue;
+                return false;
             }
             if entry.deadline <= now {
                 entry.fired.store(true, Ordering::Release);
                 entry.waker.wake();
-                continue;
+                return false;
             }
-            kept.push(entry);
-        }
-        let mut list = pending.entries.lock().unwrap_or_else(|poison| poison.into_inner());
-        list.append(&mut kept);
-        // Keep the emptied allocation for the next walk rather than the one just filled.
-        drop(list);
-        drop(std::mem::replace(&mut kept, entries));
+            true
+        });
+        // What is still waiting goes back; `walking` keeps its allocation for the next swap.
+        pending.lock().append(&mut walking);
     }
 }
 
@@ -125,7 +128,7 @@ impl Future for CoarseSleep {
             dropped: AtomicBool::new(false),
         });
         entry.waker.register(context.waker());
-        pending.entries.lock().unwrap_or_else(|poison| poison.into_inner()).push(Arc::clone(&entry));
+        pending.lock().push(Arc::clone(&entry));
         self.entry = Some(entry);
         Poll::Pending
     }
@@ -153,7 +156,7 @@ mod tests {
         let mut sleep = timer.sleep(Duration::from_millis(150));
         assert!(futures::poll!(sleep.as_mut()).is_pending());
         sleep.await;
-        assert!(timer.pending.entries.lock().map(|entries| entries.is_empty()).unwrap_or(false));
+        assert!(timer.pending.lock().is_empty());
     }
 
     #[tokio::test]
@@ -165,7 +168,7 @@ mod tests {
         drop(dropped);
         timer.sleep(Duration::from_millis(150)).await;
         // The sweep that fired the second also walked past the first.
-        assert!(timer.pending.entries.lock().map(|entries| entries.is_empty()).unwrap_or(false));
+        assert!(timer.pending.lock().is_empty());
     }
 
     #[tokio::test]
