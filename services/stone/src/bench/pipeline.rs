@@ -231,8 +231,20 @@ async fn measure(config: &StoneConfig, args: &PipelineBenchArgs) -> anyhow::Resu
             ),
         );
     }
+    // Stored events accumulate over hours; the top-up lands them in seconds, and the merges
+    // that ingest would have spread over those hours would otherwise run during the first
+    // endpoint's samples. Wait (bounded) until the engine has merged what it is merging.
+    let (settle_wait, still_merging) = settle_merges(&clickhouse, SETTLE_LIMIT).await?;
     let stored: u64 = clickhouse.query("SELECT count() FROM requests").fetch_one().await?;
-    line(&mut report, format!("endpoint latency over {stored} stored events ({} samples each):", args.samples));
+    line(
+        &mut report,
+        format!(
+            "endpoint latency over {stored} stored events ({} samples each, endpoints in turn; merges settled in {:.1} s{})",
+            args.samples,
+            settle_wait.as_secs_f64(),
+            if still_merging > 0 { format!(", {still_merging} still running at the limit") } else { String::new() },
+        ),
+    );
     let hour = |hours_ago: i64| -> anyhow::Result<String> {
         let instant = OffsetDateTime::now_utc() - time::Duration::hours(hours_ago);
         let aligned = instant.replace_minute(0)?.replace_second(0)?.replace_nanosecond(0)?;
@@ -254,16 +266,20 @@ async fn measure(config: &StoneConfig, args: &PipelineBenchArgs) -> anyhow::Resu
         ("health upstreams", "/v1/health/upstreams".to_owned()),
     ];
     let http: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
-    for (name, path) in endpoints {
-        let mut durations = Vec::with_capacity(args.samples);
-        for _ in 0..args.samples {
+    // Round after round over every endpoint, so whatever else the machine does at some moment
+    // lands on all of them alike instead of on whichever was being measured then.
+    let mut durations: Vec<Vec<f64>> = vec![Vec::with_capacity(args.samples); endpoints.len()];
+    for _ in 0..args.samples {
+        for ((_, path), samples) in endpoints.iter().zip(&mut durations) {
             let started = Instant::now();
             let response = http.get(format!("http://{gateway_address}{path}").parse()?).await?;
             let status = response.status();
             let body = response.into_body().collect().await?.to_bytes();
             anyhow::ensure!(status.is_success(), "{path}: {status} {}", String::from_utf8_lossy(&body));
-            durations.push(started.elapsed().as_secs_f64() * 1_000.0);
+            samples.push(started.elapsed().as_secs_f64() * 1_000.0);
         }
+    }
+    for ((name, _), mut durations) in endpoints.into_iter().zip(durations) {
         line(
             &mut report,
             format!(
@@ -421,6 +437,30 @@ async fn bulk_requests(clickhouse: &clickhouse::Client, rows: u64) -> anyhow::Re
     );
     clickhouse.query(&sql).with_setting("insert_deduplicate", "0").execute().await?;
     Ok(())
+}
+
+/// The longest the latency phase waits for the engine's merges to finish.
+const SETTLE_LIMIT: Duration = Duration::from_secs(120);
+
+/// Waits until no merge of the bench's database has run for a second (one merge often
+/// schedules the next), or `limit` passes; how long it waited and how many merges were still
+/// running then.
+async fn settle_merges(clickhouse: &clickhouse::Client, limit: Duration) -> anyhow::Result<(Duration, u64)> {
+    const POLL: Duration = Duration::from_millis(250);
+    const QUIET_POLLS: u32 = 4;
+    let started = Instant::now();
+    let mut quiet = 0;
+    loop {
+        let merging: u64 = clickhouse
+            .query("SELECT count() FROM system.merges WHERE database = currentDatabase()")
+            .fetch_one()
+            .await?;
+        quiet = if merging == 0 { quiet + 1 } else { 0 };
+        if quiet >= QUIET_POLLS || started.elapsed() >= limit {
+            return Ok((started.elapsed(), merging));
+        }
+        tokio::time::sleep(POLL).await;
+    }
 }
 
 /// Publishes at `rate` for `seconds`, one marker every 10 ms, and polls the API for markers.
