@@ -16,6 +16,14 @@
 //! rewind: the ordered consumer is recreated at that sequence, and every other subscriber skips
 //! what it has already been given. Messages of partitions this instance does not own are skipped.
 //!
+//! A watchdog guards the read: when the stream holds events after the last one read (the
+//! delivery says how many) and the consumer yields nothing for [`STALL_AFTER`] while the reader
+//! waits on it, the consumer is recreated at the reader's position, counted in
+//! `stone_analytics_feed_stalls_total` and logged. The client's ordered consumer recovers from a
+//! silent pull by itself only after two missed idle heartbeats (about 60 s); the projector
+//! stood still for about that long in some benchmark runs, with the stream full and ClickHouse
+//! idle (docs/benchmarks.md; the cause is not confirmed).
+//!
 //! Back-pressure: a full channel blocks the reader, so one slow partition (a long insert, a
 //! ClickHouse outage, a rebuild pause) holds back the others of this instance. Memory is bounded
 //! by the channels: at most `capacity` messages per owned partition are in flight.
@@ -23,7 +31,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_nats::jetstream::consumer::{DeliverPolicy, pull};
 use async_nats::jetstream::{self};
@@ -33,9 +41,13 @@ use time::OffsetDateTime;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-/// One event for a partition worker, with the numbers it needs from the delivery.
+/// One event for a partition worker, with the numbers it needs from the delivery. Only what the
+/// worker reads is kept: a whole `jetstream::Message` (reply subject, headers map, a client
+/// handle) is several times larger, and a batch holds tens of thousands of these, moved from the
+/// channel to the buffer to the batch.
 pub struct Delivered {
-    pub message: jetstream::Message,
+    pub subject: async_nats::Subject,
+    pub payload: bytes::Bytes,
     pub stream_sequence: u64,
     /// Messages of the whole stream after this one that the feed has not read yet.
     pub stream_pending: u64,
@@ -95,6 +107,7 @@ impl Feed {
             consumer: None,
             position: 0,
             reopen: false,
+            watchdog: Watchdog::default(),
             dispatched: metrics::counter!("stone_analytics_feed_events_total"),
         };
         (Self { requests, capacity: capacity.max(1) }, reader.run(token))
@@ -129,8 +142,43 @@ struct Reader {
     position: u64,
     /// A subscriber needs something else than `position`: recreate the consumer.
     reopen: bool,
+    watchdog: Watchdog,
     /// Events handed to partition workers (`stone_analytics_feed_events_total`).
     dispatched: metrics::Counter,
+}
+
+/// How long the reader waits for the next event while the stream is known to hold more before
+/// it recreates the consumer.
+pub const STALL_AFTER: Duration = Duration::from_secs(5);
+
+/// When the reader is stalled: it is behind (the stream holds events after the last one read)
+/// and has waited on the consumer for [`STALL_AFTER`] since it last had something to do.
+#[derive(Debug, Clone, Copy)]
+struct Watchdog {
+    /// Events the stream holds after the last one read, as the last delivery (or the consumer's
+    /// creation) said.
+    behind: u64,
+    /// When the reader last received or finished handing over an event, or opened the consumer.
+    since: Instant,
+}
+
+impl Default for Watchdog {
+    fn default() -> Self {
+        Self { behind: 0, since: Instant::now() }
+    }
+}
+
+impl Watchdog {
+    /// Progress: `behind` events are left after it.
+    fn progressed(&mut self, behind: u64) {
+        self.behind = behind;
+        self.since = Instant::now();
+    }
+
+    /// When waiting for the consumer becomes a stall; `None` while caught up.
+    fn deadline(&self) -> Option<Instant> {
+        (self.behind > 0).then(|| self.since + STALL_AFTER)
+    }
 }
 
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
@@ -159,9 +207,10 @@ impl Reader {
             if self.consumer.is_none() || self.reopen {
                 let start = self.targets.values().map(|target| target.next).min().unwrap_or(1).max(1);
                 match open(&self.stream, &self.filter_subject, start).await {
-                    Ok(consumer) => {
-                        tracing::debug!(start, "stream reader positioned");
+                    Ok((consumer, behind)) => {
+                        tracing::debug!(start, behind, "stream reader positioned");
                         self.consumer = Some(consumer);
+                        self.watchdog.progressed(behind);
                         self.position = start;
                         self.reopen = false;
                         delay = MIN_BACKOFF;
@@ -187,18 +236,32 @@ impl Reader {
             // Requests are still seen at the top of every iteration.
             let next = match consumer.next().now_or_never() {
                 Some(next) => next,
-                None => tokio::select! {
-                    biased;
-                    () = token.cancelled() => return,
-                    request = self.requests.recv() => {
-                        match request {
-                            Some(request) => self.apply(request),
-                            None => return,
+                None => {
+                    let stall = self.watchdog.deadline();
+                    tokio::select! {
+                        biased;
+                        () = token.cancelled() => return,
+                        request = self.requests.recv() => {
+                            match request {
+                                Some(request) => self.apply(request),
+                                None => return,
+                            }
+                            continue;
                         }
-                        continue;
+                        next = consumer.next() => next,
+                        () = sleep_until(stall) => {
+                            metrics::counter!("stone_analytics_feed_stalls_total").increment(1);
+                            tracing::warn!(
+                                position = self.position,
+                                behind = self.watchdog.behind,
+                                waited_ms = STALL_AFTER.as_millis() as u64,
+                                "stream reader received nothing while the stream holds more; recreating its consumer"
+                            );
+                            self.consumer = None;
+                            continue;
+                        }
                     }
-                    next = consumer.next() => next,
-                },
+                }
             };
             let message = match next {
                 Some(Ok(message)) => message,
@@ -221,6 +284,8 @@ impl Reader {
             if !self.dispatch(message, &token).await {
                 return;
             }
+            // Waiting for room in a worker's channel is not waiting for the consumer.
+            self.watchdog.since = Instant::now();
         }
     }
 
@@ -236,12 +301,14 @@ impl Reader {
         };
         let (sequence, stream_pending, published) = info;
         self.position = sequence + 1;
+        self.watchdog.progressed(stream_pending);
         let partition = partition_in_subject(&message.subject).filter(|partition| *partition < self.partitions);
         let wanted = partition
             .and_then(|partition| self.targets.get(&partition).map(|target| (partition, target)))
             .filter(|(_, target)| sequence >= target.next);
         if let Some((partition, target)) = wanted {
-            let delivered = Delivered { message, stream_sequence: sequence, stream_pending, published };
+            let async_nats::Message { subject, payload, .. } = message.message;
+            let delivered = Delivered { subject, payload, stream_sequence: sequence, stream_pending, published };
             // Room in the channel is the common case; waiting (with cancellation) only when full.
             let sent = match target.sender.try_send(delivered) {
                 Ok(()) => true,
@@ -286,7 +353,12 @@ impl Reader {
     }
 }
 
-async fn open(stream: &jetstream::stream::Stream, filter_subject: &str, start: u64) -> anyhow::Result<pull::Ordered> {
+/// An ordered consumer from stream sequence `start`, and how many events it has to deliver.
+async fn open(
+    stream: &jetstream::stream::Stream,
+    filter_subject: &str,
+    start: u64,
+) -> anyhow::Result<(pull::Ordered, u64)> {
     let consumer = stream
         .create_consumer(pull::OrderedConfig {
             filter_subject: filter_subject.to_owned(),
@@ -294,5 +366,37 @@ async fn open(stream: &jetstream::stream::Stream, filter_subject: &str, start: u
             ..Default::default()
         })
         .await?;
-    Ok(consumer.messages().await?)
+    let behind = consumer.cached_info().num_pending;
+    Ok((consumer.messages().await?, behind))
+}
+
+/// Sleeps until `deadline`, or forever without one.
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reader_that_is_caught_up_never_stalls() {
+        let mut watchdog = Watchdog::default();
+        assert_eq!(watchdog.deadline(), None);
+        watchdog.progressed(0);
+        assert_eq!(watchdog.deadline(), None);
+    }
+
+    #[test]
+    fn a_reader_behind_stalls_after_the_limit_from_its_last_progress() {
+        let mut watchdog = Watchdog::default();
+        watchdog.progressed(1_000);
+        let since = watchdog.since;
+        assert_eq!(watchdog.deadline(), Some(since + STALL_AFTER));
+        watchdog.progressed(999);
+        assert!(watchdog.deadline().is_some_and(|deadline| deadline >= since + STALL_AFTER));
+    }
 }

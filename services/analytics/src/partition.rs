@@ -527,7 +527,7 @@ impl Worker<'_> {
         let mut rows = Rows::with_capacity(fresh.len());
         let mut dead_letters = 0u64;
         for delivered in &fresh {
-            match decode(&delivered.message.payload) {
+            match decode(&delivered.payload) {
                 Ok(event) => push_event(&mut rows, event, self.partition, delivered.stream_sequence),
                 Err(error) => {
                     self.dead_letter(delivered, &error).await?;
@@ -693,9 +693,9 @@ impl Worker<'_> {
         let publish = PublishMessage::build()
             .message_id(format!("{}-{}-{sequence}", self.context.stream_name, self.context.consumer_prefix))
             .header(headers::DEAD_LETTER_REASON, reason.as_str())
-            .header(headers::ORIGINAL_SUBJECT, delivered.message.subject.as_str())
+            .header(headers::ORIGINAL_SUBJECT, delivered.subject.as_str())
             .header(headers::ORIGINAL_SEQUENCE, sequence.to_string().as_str())
-            .payload(delivered.message.payload.clone());
+            .payload(delivered.payload.clone());
         let ack = self
             .context
             .js
