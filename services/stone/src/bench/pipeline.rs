@@ -199,7 +199,10 @@ async fn measure(config: &StoneConfig, args: &PipelineBenchArgs) -> anyhow::Resu
     let batches = Batches::now();
     line(&mut report, format!("  {batches}"));
 
-    // 4. Freshness through the gateway's API.
+    // 4. Freshness through the gateway's API, at a steady rate: once the engine has merged the
+    // throughput phase's parts, so that this phase measures steady ingest, not the tail of a
+    // catch-up.
+    let (settle_wait, still_merging) = settle_merges(&clickhouse, SETTLE_LIMIT).await?;
     let gateway_shutdown = Shutdown::new();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let gateway_address = listener.local_addr()?;
@@ -210,8 +213,12 @@ async fn measure(config: &StoneConfig, args: &PipelineBenchArgs) -> anyhow::Resu
     line(
         &mut report,
         format!(
-            "freshness at {} ev/s for {} s: publish → visible in /v1/analytics/requests p50 {p50:.0} ms, p99 {p99:.0} ms, max {max:.0} ms ({seen}/{marked} markers seen; {} ms between polls)",
-            args.rate, args.seconds, args.poll_ms
+            "freshness at {} ev/s for {} s: publish → visible in /v1/analytics/requests p50 {p50:.0} ms, p99 {p99:.0} ms, max {max:.0} ms ({seen}/{marked} markers seen; {} ms between polls; merges settled in {:.1} s{})",
+            args.rate,
+            args.seconds,
+            args.poll_ms,
+            settle_wait.as_secs_f64(),
+            still_merging_note(still_merging),
         ),
     );
     line(&mut report, format!("  {}", Batches::now().since(&batches)));
@@ -242,7 +249,7 @@ async fn measure(config: &StoneConfig, args: &PipelineBenchArgs) -> anyhow::Resu
             "endpoint latency over {stored} stored events ({} samples each, endpoints in turn; merges settled in {:.1} s{})",
             args.samples,
             settle_wait.as_secs_f64(),
-            if still_merging > 0 { format!(", {still_merging} still running at the limit") } else { String::new() },
+            still_merging_note(still_merging),
         ),
     );
     let hour = |hours_ago: i64| -> anyhow::Result<String> {
@@ -441,6 +448,11 @@ async fn bulk_requests(clickhouse: &clickhouse::Client, rows: u64) -> anyhow::Re
 
 /// The longest the latency phase waits for the engine's merges to finish.
 const SETTLE_LIMIT: Duration = Duration::from_secs(120);
+
+/// ", N still running at the limit" when [`settle_merges`] gave up waiting.
+fn still_merging_note(still_merging: u64) -> String {
+    if still_merging > 0 { format!(", {still_merging} still running at the limit") } else { String::new() }
+}
 
 /// Waits until no merge of the bench's database has run for a second (one merge often
 /// schedules the next), or `limit` passes; how long it waited and how many merges were still
