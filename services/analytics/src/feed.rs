@@ -398,5 +398,8 @@ mod tests {
         assert_eq!(watchdog.deadline(), Some(since + STALL_AFTER));
         watchdog.progressed(999);
         assert!(watchdog.deadline().is_some_and(|deadline| deadline >= since + STALL_AFTER));
+        // The last event of a backlog says nothing is left: no deadline until more is known.
+        watchdog.progressed(0);
+        assert_eq!(watchdog.deadline(), None);
     }
 }
