@@ -105,6 +105,7 @@ impl Feed {
             requests: receiver,
             targets: BTreeMap::new(),
             consumer: None,
+            consumer_name: None,
             position: 0,
             reopen: false,
             watchdog: Watchdog::default(),
@@ -138,6 +139,9 @@ struct Reader {
     requests: mpsc::Receiver<Request>,
     targets: BTreeMap<u16, Target>,
     consumer: Option<pull::Ordered>,
+    /// The server's name of the consumer as created (the client renames it when it recreates
+    /// it after a gap; then this name is already gone).
+    consumer_name: Option<String>,
     /// The sequence the open consumer delivers next.
     position: u64,
     /// A subscriber needs something else than `position`: recreate the consumer.
@@ -183,6 +187,8 @@ impl Watchdog {
 
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// Bound on the reader's own calls to the server about its consumer.
+const SERVER_CALL: Duration = Duration::from_secs(2);
 
 impl Reader {
     async fn run(mut self, token: CancellationToken) {
@@ -194,7 +200,7 @@ impl Reader {
             self.targets.retain(|_, target| !target.sender.is_closed());
             if self.targets.is_empty() {
                 // Nothing to read for: close the consumer and wait for a subscriber.
-                self.consumer = None;
+                self.close().await;
                 tokio::select! {
                     () = token.cancelled() => return,
                     request = self.requests.recv() => match request {
@@ -205,11 +211,13 @@ impl Reader {
                 continue;
             }
             if self.consumer.is_none() || self.reopen {
+                self.close().await;
                 let start = self.targets.values().map(|target| target.next).min().unwrap_or(1).max(1);
                 match open(&self.stream, &self.filter_subject, start).await {
-                    Ok((consumer, behind)) => {
-                        tracing::debug!(start, behind, "stream reader positioned");
+                    Ok((consumer, name, behind)) => {
+                        tracing::debug!(start, behind, consumer = %name, "stream reader positioned");
                         self.consumer = Some(consumer);
+                        self.consumer_name = Some(name);
                         self.watchdog.progressed(behind);
                         self.position = start;
                         self.reopen = false;
@@ -251,13 +259,17 @@ impl Reader {
                         next = consumer.next() => next,
                         () = sleep_until(stall) => {
                             metrics::counter!("stone_analytics_feed_stalls_total").increment(1);
+                            // What the server says of the consumer tells a client that stopped
+                            // asking (no pull request waiting) from a server that stopped sending.
+                            let server_view = server_view(&self.stream, self.consumer_name.as_deref()).await;
                             tracing::warn!(
                                 position = self.position,
                                 behind = self.watchdog.behind,
                                 waited_ms = STALL_AFTER.as_millis() as u64,
+                                consumer = %server_view,
                                 "stream reader received nothing while the stream holds more; recreating its consumer"
                             );
-                            self.consumer = None;
+                            self.close().await;
                             continue;
                         }
                     }
@@ -268,7 +280,7 @@ impl Reader {
                 Some(Err(error)) => {
                     metrics::counter!("stone_analytics_errors_total", "kind" => "nats").increment(1);
                     tracing::warn!(%error, position = self.position, "stream reader failed; reopening");
-                    self.consumer = None;
+                    self.close().await;
                     tokio::select! {
                         () = token.cancelled() => return,
                         () = tokio::time::sleep(delay) => {}
@@ -277,7 +289,7 @@ impl Reader {
                     continue;
                 }
                 None => {
-                    self.consumer = None;
+                    self.close().await;
                     continue;
                 }
             };
@@ -338,6 +350,20 @@ impl Reader {
         true
     }
 
+    /// Drops the open consumer and deletes it on the server, best effort: an ordered consumer
+    /// is ephemeral, but the server would keep it (and what it delivered into the void) until
+    /// its inactivity threshold, one more for every rewind.
+    async fn close(&mut self) {
+        self.consumer = None;
+        let Some(name) = self.consumer_name.take() else { return };
+        match tokio::time::timeout(SERVER_CALL, self.stream.delete_consumer(&name)).await {
+            Ok(Ok(_)) => {}
+            // Already gone: the client recreated it under another name after a gap.
+            Ok(Err(error)) => tracing::debug!(%error, consumer = %name, "stream reader's consumer not deleted"),
+            Err(_) => tracing::debug!(consumer = %name, "no answer to deleting the stream reader's consumer"),
+        }
+    }
+
     fn apply(&mut self, request: Request) {
         self.targets.insert(
             request.partition,
@@ -353,12 +379,13 @@ impl Reader {
     }
 }
 
-/// An ordered consumer from stream sequence `start`, and how many events it has to deliver.
+/// An ordered consumer from stream sequence `start`, its name on the server, and how many
+/// events it has to deliver.
 async fn open(
     stream: &jetstream::stream::Stream,
     filter_subject: &str,
     start: u64,
-) -> anyhow::Result<(pull::Ordered, u64)> {
+) -> anyhow::Result<(pull::Ordered, String, u64)> {
     let consumer = stream
         .create_consumer(pull::OrderedConfig {
             filter_subject: filter_subject.to_owned(),
@@ -366,8 +393,22 @@ async fn open(
             ..Default::default()
         })
         .await?;
-    let behind = consumer.cached_info().num_pending;
-    Ok((consumer.messages().await?, behind))
+    let info = consumer.cached_info();
+    let (name, behind) = (info.name.clone(), info.num_pending);
+    Ok((consumer.messages().await?, name, behind))
+}
+
+/// The server's account of the reader's consumer, for the stall warning.
+async fn server_view(stream: &jetstream::stream::Stream, name: Option<&str>) -> String {
+    let Some(name) = name else { return "unknown".to_owned() };
+    match tokio::time::timeout(SERVER_CALL, stream.consumer_info(name)).await {
+        Ok(Ok(info)) => format!(
+            "{name}: delivered through stream sequence {}, {} pending, {} pull requests waiting",
+            info.delivered.stream_sequence, info.num_pending, info.num_waiting
+        ),
+        Ok(Err(error)) => format!("{name}: {error}"),
+        Err(_) => format!("{name}: no answer within {} ms", SERVER_CALL.as_millis()),
+    }
 }
 
 /// Sleeps until `deadline`, or forever without one.
