@@ -446,7 +446,7 @@ async fn bulk_requests(clickhouse: &clickhouse::Client, rows: u64) -> anyhow::Re
     Ok(())
 }
 
-/// The longest the latency phase waits for the engine's merges to finish.
+/// The longest the freshness and latency phases wait for the engine's merges to finish.
 const SETTLE_LIMIT: Duration = Duration::from_secs(120);
 
 /// ", N still running at the limit" when [`settle_merges`] gave up waiting.
