@@ -108,7 +108,7 @@ impl Feed {
             consumer_name: None,
             position: 0,
             reopen: false,
-            watchdog: Watchdog::default(),
+            behind: 0,
             dispatched: metrics::counter!("stone_analytics_feed_events_total"),
         };
         (Self { requests, capacity: capacity.max(1) }, reader.run(token))
@@ -146,7 +146,9 @@ struct Reader {
     position: u64,
     /// A subscriber needs something else than `position`: recreate the consumer.
     reopen: bool,
-    watchdog: Watchdog,
+    /// Events the stream holds after the last one read, as the last delivery (or the
+    /// consumer's creation) said; the stall watchdog waits only while this is not zero.
+    behind: u64,
     /// Events handed to partition workers (`stone_analytics_feed_events_total`).
     dispatched: metrics::Counter,
 }
@@ -155,34 +157,10 @@ struct Reader {
 /// it recreates the consumer.
 pub const STALL_AFTER: Duration = Duration::from_secs(5);
 
-/// When the reader is stalled: it is behind (the stream holds events after the last one read)
-/// and has waited on the consumer for [`STALL_AFTER`] since it last had something to do.
-#[derive(Debug, Clone, Copy)]
-struct Watchdog {
-    /// Events the stream holds after the last one read, as the last delivery (or the consumer's
-    /// creation) said.
-    behind: u64,
-    /// When the reader last received or finished handing over an event, or opened the consumer.
-    since: Instant,
-}
-
-impl Default for Watchdog {
-    fn default() -> Self {
-        Self { behind: 0, since: Instant::now() }
-    }
-}
-
-impl Watchdog {
-    /// Progress: `behind` events are left after it.
-    fn progressed(&mut self, behind: u64) {
-        self.behind = behind;
-        self.since = Instant::now();
-    }
-
-    /// When waiting for the consumer becomes a stall; `None` while caught up.
-    fn deadline(&self) -> Option<Instant> {
-        (self.behind > 0).then(|| self.since + STALL_AFTER)
-    }
+/// When a wait for the consumer that starts at `now` becomes a stall: only while the stream
+/// holds events after the last one read (`behind`), [`STALL_AFTER`] later.
+fn stall_deadline(behind: u64, now: Instant) -> Option<Instant> {
+    (behind > 0).then(|| now + STALL_AFTER)
 }
 
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
@@ -218,7 +196,7 @@ impl Reader {
                         tracing::debug!(start, behind, consumer = %name, "stream reader positioned");
                         self.consumer = Some(consumer);
                         self.consumer_name = Some(name);
-                        self.watchdog.progressed(behind);
+                        self.behind = behind;
                         self.position = start;
                         self.reopen = false;
                         delay = MIN_BACKOFF;
@@ -245,7 +223,9 @@ impl Reader {
             let next = match consumer.next().now_or_never() {
                 Some(next) => next,
                 None => {
-                    let stall = self.watchdog.deadline();
+                    // Only a wait counts: the reader is idle from here on. The clock is read
+                    // only when the client has nothing buffered, not once per event.
+                    let stall = stall_deadline(self.behind, Instant::now());
                     tokio::select! {
                         biased;
                         () = token.cancelled() => return,
@@ -264,7 +244,7 @@ impl Reader {
                             let server_view = server_view(&self.stream, self.consumer_name.as_deref()).await;
                             tracing::warn!(
                                 position = self.position,
-                                behind = self.watchdog.behind,
+                                behind = self.behind,
                                 waited_ms = STALL_AFTER.as_millis() as u64,
                                 consumer = %server_view,
                                 "stream reader received nothing while the stream holds more; recreating its consumer"
@@ -296,8 +276,6 @@ impl Reader {
             if !self.dispatch(message, &token).await {
                 return;
             }
-            // Waiting for room in a worker's channel is not waiting for the consumer.
-            self.watchdog.since = Instant::now();
         }
     }
 
@@ -313,7 +291,7 @@ impl Reader {
         };
         let (sequence, stream_pending, published) = info;
         self.position = sequence + 1;
-        self.watchdog.progressed(stream_pending);
+        self.behind = stream_pending;
         let partition = partition_in_subject(&message.subject).filter(|partition| *partition < self.partitions);
         let wanted = partition
             .and_then(|partition| self.targets.get(&partition).map(|target| (partition, target)))
@@ -425,22 +403,13 @@ mod tests {
 
     #[test]
     fn a_reader_that_is_caught_up_never_stalls() {
-        let mut watchdog = Watchdog::default();
-        assert_eq!(watchdog.deadline(), None);
-        watchdog.progressed(0);
-        assert_eq!(watchdog.deadline(), None);
+        assert_eq!(stall_deadline(0, Instant::now()), None);
     }
 
     #[test]
-    fn a_reader_behind_stalls_after_the_limit_from_its_last_progress() {
-        let mut watchdog = Watchdog::default();
-        watchdog.progressed(1_000);
-        let since = watchdog.since;
-        assert_eq!(watchdog.deadline(), Some(since + STALL_AFTER));
-        watchdog.progressed(999);
-        assert!(watchdog.deadline().is_some_and(|deadline| deadline >= since + STALL_AFTER));
-        // The last event of a backlog says nothing is left: no deadline until more is known.
-        watchdog.progressed(0);
-        assert_eq!(watchdog.deadline(), None);
+    fn a_reader_behind_stalls_after_the_limit_from_the_start_of_its_wait() {
+        let now = Instant::now();
+        assert_eq!(stall_deadline(1, now), Some(now + STALL_AFTER));
+        assert_eq!(stall_deadline(1_000_000, now), Some(now + STALL_AFTER));
     }
 }
