@@ -88,7 +88,7 @@ pub async fn summary(
     let Query(pairs) =
         query.map_err(|rejection| ApiError::InvalidParameter { field: None, message: rejection.body_text() })?;
     let filter = AnalyticsFilter::from_pairs(&pairs, OffsetDateTime::now_utc())?;
-    let plan = Plan::for_filter(&filter);
+    let plan = Plan::for_filter(&filter, None);
     let sql = format!("SELECT {} FROM {} WHERE {}", plan.source.aggregates(), plan.from, plan.clause.sql);
     let row: SummaryRow = super::fetch_one(plan.clause.bind_to(state.clickhouse.query(&sql))).await?;
     Ok(Json(Summary::from_row(&filter, plan.source, row)))

@@ -69,6 +69,18 @@ impl Dimension {
         }
     }
 
+    /// The stored column [`Self::expression`] reads.
+    pub fn column(self) -> &'static str {
+        match self {
+            Self::Route => "route",
+            Self::PathTemplate => "path_template",
+            Self::Upstream => "upstream",
+            Self::Consumer => "consumer",
+            Self::Status | Self::StatusClass => "status",
+            Self::Cache => "cache",
+        }
+    }
+
     pub fn name(self) -> &'static str {
         Self::CHOICES.iter().find(|(_, dimension)| *dimension == self).map_or("", |(name, _)| name)
     }
