@@ -189,8 +189,12 @@ impl<'a> RawEnvelope<'a> {
 /// envelope that reads as the current `request.completed` and says it is one is taken; anything
 /// else, including every error, goes the general way, so results and error reasons are the
 /// general path's.
+///
+/// The payload is checked as UTF-8 once and read as a `str`: reading bytes, serde_json checks
+/// every string on its own, which cost a fifth of the decoding.
 fn current_request(bytes: &[u8]) -> Option<Event> {
-    let parsed: Wire<RequestCompleted> = serde_json::from_slice(bytes).ok()?;
+    let text = std::str::from_utf8(bytes).ok()?;
+    let parsed: Wire<RequestCompleted> = serde_json::from_str(text).ok()?;
     if parsed.event_type != RequestCompleted::TYPE || parsed.version != RequestCompleted::VERSION {
         return None;
     }
