@@ -109,6 +109,7 @@ impl Feed {
             position: 0,
             reopen: false,
             behind: 0,
+            waiting_since: None,
             dispatched: metrics::counter!("stone_analytics_feed_events_total"),
         };
         (Self { requests, capacity: capacity.max(1) }, reader.run(token))
@@ -149,6 +150,10 @@ struct Reader {
     /// Events the stream holds after the last one read, as the last delivery (or the
     /// consumer's creation) said; the stall watchdog waits only while this is not zero.
     behind: u64,
+    /// When the reader began waiting for the consumer's next delivery; cleared by a delivery
+    /// and by closing the consumer. A subscription request handled meanwhile leaves it, so
+    /// frequent re-subscriptions cannot keep the stall watchdog from firing.
+    waiting_since: Option<Instant>,
     /// Events handed to partition workers (`stone_analytics_feed_events_total`).
     dispatched: metrics::Counter,
 }
@@ -224,8 +229,10 @@ impl Reader {
                 Some(next) => next,
                 None => {
                     // Only a wait counts: the reader is idle from here on. The clock is read
-                    // only when the client has nothing buffered, not once per event.
-                    let stall = stall_deadline(self.behind, Instant::now());
+                    // only when a wait begins, not once per event, and a request handled
+                    // during the wait does not start it over.
+                    let since = *self.waiting_since.get_or_insert_with(Instant::now);
+                    let stall = stall_deadline(self.behind, since);
                     tokio::select! {
                         biased;
                         () = token.cancelled() => return,
@@ -256,7 +263,10 @@ impl Reader {
                 }
             };
             let message = match next {
-                Some(Ok(message)) => message,
+                Some(Ok(message)) => {
+                    self.waiting_since = None;
+                    message
+                }
                 Some(Err(error)) => {
                     metrics::counter!("stone_analytics_errors_total", "kind" => "nats").increment(1);
                     tracing::warn!(%error, position = self.position, "stream reader failed; reopening");
@@ -333,6 +343,7 @@ impl Reader {
     /// its inactivity threshold, one more for every rewind.
     async fn close(&mut self) {
         self.consumer = None;
+        self.waiting_since = None;
         let Some(name) = self.consumer_name.take() else { return };
         match tokio::time::timeout(SERVER_CALL, self.stream.delete_consumer(&name)).await {
             Ok(Ok(_)) => {}
