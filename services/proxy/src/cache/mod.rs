@@ -16,6 +16,7 @@ pub mod purge;
 pub mod store;
 mod tee;
 
+use std::cell::RefCell;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -252,8 +253,11 @@ impl Cache {
                 match policy::reuse(&object.freshness, &request_directives, now) {
                     Reuse::Fresh => {
                         let ttl = object.freshness.ttl(now);
-                        let detail = if *tier == CacheTier::Redis { "; detail=redis" } else { "" };
-                        let value = format!("{CACHE_NAME}; hit; ttl={ttl}{detail}");
+                        let value = if *tier == CacheTier::Redis {
+                            status_value(format!("{CACHE_NAME}; hit; ttl={ttl}; detail=redis"))
+                        } else {
+                            hit_status_value(ttl)
+                        };
                         self.count(&request.route, CacheStatus::Hit);
                         return Ok(self.respond(&parts.headers, object, CacheStatus::Hit, value, now));
                     }
@@ -359,13 +363,7 @@ impl Cache {
         if policy::reuse(&object.freshness, &directives, now) != Reuse::Fresh {
             return None;
         }
-        // `proxy-stone; hit; ttl=N`, written without the formatting machinery.
-        let mut ttl = itoa::Buffer::new();
-        let ttl = ttl.format(object.freshness.ttl(now));
-        let mut value = String::with_capacity(CACHE_NAME.len() + 11 + ttl.len());
-        value.push_str(CACHE_NAME);
-        value.push_str("; hit; ttl=");
-        value.push_str(ttl);
+        let value = hit_status_value(object.freshness.ttl(now));
         self.count(route, CacheStatus::Hit);
         Some(self.respond(headers, &object, CacheStatus::Hit, value, now))
     }
@@ -727,7 +725,7 @@ impl Cache {
             merged.tags.clone(),
         );
         self.count(&request.route, CacheStatus::Revalidated);
-        let value = format!("{CACHE_NAME}; fwd=stale; fwd-status=304");
+        let value = status_value(format!("{CACHE_NAME}; fwd=stale; fwd-status=304"));
         self.respond(&parts.headers, &merged, CacheStatus::Revalidated, value, response_time)
     }
 
@@ -742,7 +740,7 @@ impl Cache {
     ) -> Served {
         self.emit(CacheAction::StaleServed, &request.route, primary, None, object.body.len() as u64, None, Vec::new());
         self.count(&request.route, CacheStatus::Stale);
-        let value = format!("{CACHE_NAME}; hit; ttl={}; detail={why}", object.freshness.ttl(now));
+        let value = status_value(format!("{CACHE_NAME}; hit; ttl={}; detail={why}", object.freshness.ttl(now)));
         self.respond(&parts.headers, object, CacheStatus::Stale, value, now)
     }
 
@@ -776,7 +774,7 @@ impl Cache {
         request_headers: &HeaderMap,
         object: &StoredObject,
         status: CacheStatus,
-        cache_status: String,
+        cache_status: HeaderValue,
         now: u64,
     ) -> Served {
         let age = object.freshness.age(now);
@@ -804,8 +802,8 @@ impl Cache {
             *response.headers_mut() = object.headers.clone();
             response
         };
-        response.headers_mut().insert(header::AGE, HeaderValue::from(age));
-        set_cache_status(response.headers_mut(), cache_status);
+        response.headers_mut().insert(header::AGE, age_value(age));
+        response.headers_mut().insert(&CACHE_STATUS, cache_status);
         Served { response, status }
     }
 
@@ -921,10 +919,52 @@ fn url_key(host: &str, path: &str, query: Option<&str>) -> String {
 }
 
 fn set_cache_status(headers: &mut HeaderMap, value: String) {
-    // The formatted string becomes the value without another copy.
-    if let Ok(value) = HeaderValue::from_maybe_shared(Bytes::from(value)) {
-        headers.insert(&CACHE_STATUS, value);
-    }
+    headers.insert(&CACHE_STATUS, status_value(value));
+}
+
+/// A formatted `Cache-Status` as a header value, without another copy. Every value this module
+/// formats is printable ASCII; the bare cache name stands in should one ever not be.
+fn status_value(value: String) -> HeaderValue {
+    HeaderValue::from_maybe_shared(Bytes::from(value)).unwrap_or_else(|_| HeaderValue::from_static(CACHE_NAME))
+}
+
+thread_local! {
+    /// The `Age` and fresh-hit `Cache-Status` values this thread formatted last. A hot object
+    /// is hit many times a second with the same two numbers, and formatting them anew was ~3% of
+    /// an in-process hit's instructions (`infra/hit-instructions.sh`); equal numbers give equal
+    /// text, so reuse can never show one object's figures on another.
+    static LAST_AGE: RefCell<Option<(u64, HeaderValue)>> = const { RefCell::new(None) };
+    static LAST_HIT_STATUS: RefCell<Option<(i64, HeaderValue)>> = const { RefCell::new(None) };
+}
+
+/// `Age: N` (RFC 9111 §5.1).
+fn age_value(age: u64) -> HeaderValue {
+    LAST_AGE.with_borrow_mut(|last| match last {
+        Some((seconds, value)) if *seconds == age => value.clone(),
+        _ => {
+            let value = HeaderValue::from(age);
+            *last = Some((age, value.clone()));
+            value
+        }
+    })
+}
+
+/// `proxy-stone; hit; ttl=N`: a fresh hit from the in-process tier (RFC 9211).
+fn hit_status_value(ttl: i64) -> HeaderValue {
+    LAST_HIT_STATUS.with_borrow_mut(|last| match last {
+        Some((seconds, value)) if *seconds == ttl => value.clone(),
+        _ => {
+            let mut digits = itoa::Buffer::new();
+            let digits = digits.format(ttl);
+            let mut text = String::with_capacity(CACHE_NAME.len() + 11 + digits.len());
+            text.push_str(CACHE_NAME);
+            text.push_str("; hit; ttl=");
+            text.push_str(digits);
+            let value = status_value(text);
+            *last = Some((ttl, value.clone()));
+            value
+        }
+    })
 }
 
 fn empty_body() -> ProxyBody {
@@ -995,6 +1035,14 @@ fn build_object(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reused_age_and_status_values_always_match_their_numbers() {
+        for (age, ttl) in [(0, 3_600), (0, 3_600), (1, 3_599), (0, 3_600), (86_400, -5), (86_400, -5)] {
+            assert_eq!(age_value(age), age.to_string().as_str());
+            assert_eq!(hit_status_value(ttl), format!("proxy-stone; hit; ttl={ttl}").as_str());
+        }
+    }
 
     #[test]
     fn tags_come_from_surrogate_key_and_cache_tag() {
