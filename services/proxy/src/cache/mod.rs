@@ -939,29 +939,33 @@ thread_local! {
 
 /// `Age: N` (RFC 9111 §5.1).
 fn age_value(age: u64) -> HeaderValue {
-    LAST_AGE.with_borrow_mut(|last| match last {
-        Some((seconds, value)) if *seconds == age => value.clone(),
-        _ => {
-            let value = HeaderValue::from(age);
-            *last = Some((age, value.clone()));
-            value
-        }
-    })
+    reuse(&LAST_AGE, age, HeaderValue::from)
 }
 
 /// `proxy-stone; hit; ttl=N`: a fresh hit from the in-process tier (RFC 9211).
 fn hit_status_value(ttl: i64) -> HeaderValue {
-    LAST_HIT_STATUS.with_borrow_mut(|last| match last {
-        Some((seconds, value)) if *seconds == ttl => value.clone(),
+    reuse(&LAST_HIT_STATUS, ttl, |ttl| {
+        let mut digits = itoa::Buffer::new();
+        let digits = digits.format(ttl);
+        let mut text = String::with_capacity(CACHE_NAME.len() + 11 + digits.len());
+        text.push_str(CACHE_NAME);
+        text.push_str("; hit; ttl=");
+        text.push_str(digits);
+        status_value(text)
+    })
+}
+
+/// The value `slot` holds for `number`, else `make(number)`, which the slot then keeps.
+fn reuse<N: Copy + PartialEq>(
+    slot: &'static std::thread::LocalKey<RefCell<Option<(N, HeaderValue)>>>,
+    number: N,
+    make: impl FnOnce(N) -> HeaderValue,
+) -> HeaderValue {
+    slot.with_borrow_mut(|last| match last {
+        Some((kept, value)) if *kept == number => value.clone(),
         _ => {
-            let mut digits = itoa::Buffer::new();
-            let digits = digits.format(ttl);
-            let mut text = String::with_capacity(CACHE_NAME.len() + 11 + digits.len());
-            text.push_str(CACHE_NAME);
-            text.push_str("; hit; ttl=");
-            text.push_str(digits);
-            let value = status_value(text);
-            *last = Some((ttl, value.clone()));
+            let value = make(number);
+            *last = Some((number, value.clone()));
             value
         }
     })
