@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::filter::{AnalyticsFilter, TimeColumn, WhereClause};
+use super::timeseries::Dimension;
 use crate::time_range::TimeRange;
 
 /// The table a response was computed from.
@@ -120,8 +121,8 @@ pub struct Plan {
 
 impl Plan {
     /// The cheapest exact way to answer `filter` (see the module's text), for a question grouped
-    /// by `group_by` (a stored column) if any.
-    pub fn for_filter(filter: &AnalyticsFilter, group_by: Option<&'static str>) -> Self {
+    /// by `group_by` if any.
+    pub fn for_filter(filter: &AnalyticsFilter, group_by: Option<Dimension>) -> Self {
         let source = Source::for_range(&filter.range);
         if source == Source::Raw
             && let Some(plan) = Self::mixed(filter, group_by)
@@ -133,7 +134,7 @@ impl Plan {
 
     /// Whole hours from `requests_1h`, the whole minutes around them from `requests_1m`, the
     /// partial minutes at the ends from raw rows: one table shaped like a rollup.
-    fn mixed(filter: &AnalyticsFilter, group_by: Option<&'static str>) -> Option<Self> {
+    fn mixed(filter: &AnalyticsFilter, group_by: Option<Dimension>) -> Option<Self> {
         let (from, to) = (filter.range.from_unix_micros(), filter.range.to_unix_micros());
         let ceil =
             |value: i64, unit: i64| value.div_euclid(unit) * unit + if value.rem_euclid(unit) == 0 { 0 } else { unit };
@@ -159,7 +160,7 @@ impl Plan {
             ]
         };
 
-        let dimensions = match group_by {
+        let dimensions = match group_by.map(Dimension::column) {
             Some(column) if !MIXED_DIMENSIONS.split(", ").any(|dimension| dimension == column) => {
                 format!("{MIXED_DIMENSIONS}, {column}")
             }
@@ -301,13 +302,13 @@ mod tests {
         assert!(!plan.from.contains("consumer"), "{}", plan.from);
         let by_consumer = Plan::for_filter(
             &filter(datetime!(2026-01-01 10:05:30 UTC), datetime!(2026-01-01 16:02:15 UTC)),
-            Some("consumer"),
+            Some(Dimension::Consumer),
         );
         assert_eq!(by_consumer.from.matches("SELECT status, cache, consumer, ").count(), 3, "{}", by_consumer.from);
         assert!(by_consumer.from.contains("GROUP BY status, cache, consumer"), "{}", by_consumer.from);
         let by_status = Plan::for_filter(
             &filter(datetime!(2026-01-01 10:05:30 UTC), datetime!(2026-01-01 16:02:15 UTC)),
-            Some("status"),
+            Some(Dimension::StatusClass),
         );
         assert_eq!(by_status.from, plan.from);
 

@@ -108,7 +108,7 @@ pub async fn top(
     let order = extra.choice("order", Order::Requests, &order_choices)?;
     let limit = extra.integer("limit", 10, 1..=100)?;
 
-    let Plan { source, from, mut clause } = Plan::for_filter(&filter, Some(by.column()));
+    let Plan { source, from, mut clause } = Plan::for_filter(&filter, Some(by));
     let sql = format!(
         "SELECT {key} AS key, {aggregates} FROM {from} WHERE {condition} GROUP BY key ORDER BY {order}, key LIMIT ?",
         key = by.expression(),
